@@ -10,7 +10,9 @@ import pytest
 
 from trinityx import pipeline
 from trinityx.cli import main
+from trinityx.errors import TrinityXError
 from trinityx.judges import Judge
+from trinityx.train import TrainConfig
 
 
 def fake_judges():
@@ -93,3 +95,47 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
 def test_force_names_a_real_stage(tmp_path, data_dir):
     with pytest.raises(SystemExit):
         main(["run", "--out", str(tmp_path / "r"), "--data-dir", str(data_dir), "--force", "nope"])
+
+
+def _evaluation_run(tiny_backbone, data_dir, judges_folder, out, systems, workers):
+    """A run folder trained up to the merges (tiny), ready for the evaluate stage with real (tiny) judges."""
+    cfg = pipeline.PipelineConfig(
+        out=out, backbone=str(tiny_backbone), data_dir=str(data_dir), expert_examples=16, reference_steps=2,
+        eval_limit=3, max_new_tokens=4, answer_tokens=4, bootstrap=50, systems=tuple(systems), eval_workers=workers,
+        until="merges", expert_train=TrainConfig(max_steps=2, batch_size=4, micro_batch_size=4, eval_every=2,
+                                                 dev_examples=6))
+    pipeline.run_pipeline(cfg)
+    run = pipeline.Run(cfg)
+    run.state["judges"] = {"info": {"folder": str(judges_folder)}}
+    return run
+
+
+def test_evaluation_in_two_processes_equals_one(tiny_backbone, data_dir, tiny_judges, tmp_path):
+    systems = ["base", "expert:honest", "merge:linear"]
+    run = _evaluation_run(tiny_backbone, data_dir, tiny_judges[0], tmp_path / "run", systems, workers=1)
+    one = pipeline.stage_evaluate(run, data_dir)
+    assert one["workers"] == 1 and set(one["seconds"]) == set(systems)
+    first = {s: json.loads(pipeline.eval_file(run.dir, s).read_text()) for s in systems}
+    for s in systems:
+        pipeline.eval_file(run.dir, s).unlink()
+
+    run.cfg.eval_workers = 2
+    two = pipeline.stage_evaluate(run, data_dir)
+    assert two["workers"] == 2 and set(two["seconds"]) == set(systems)
+    for s in systems:
+        again = json.loads(pipeline.eval_file(run.dir, s).read_text())
+        for axis, metrics in first[s]["axes"].items():
+            for name, value in metrics.items():
+                if isinstance(value, float) and name != "seconds":
+                    assert again["axes"][axis][name] == pytest.approx(value, abs=1e-6), (s, axis, name)
+        assert "loglikelihood" in pipeline.eval_log(run.dir, s).read_text()  # the worker's progress bars
+    assert pipeline.stage_evaluate(run, data_dir)["seconds"] == {}  # everything finished: nothing to redo
+
+
+def test_a_failing_system_in_a_worker_names_itself_and_keeps_the_others(tiny_backbone, data_dir, tiny_judges,
+                                                                         tmp_path):
+    run = _evaluation_run(tiny_backbone, data_dir, tiny_judges[0], tmp_path / "run",
+                          ["base", "expert:nonsense"], workers=2)
+    with pytest.raises(TrinityXError, match=r"evaluating expert:nonsense failed .*expert__nonsense.log"):
+        pipeline.stage_evaluate(run, data_dir)
+    assert "finished" in json.loads(pipeline.eval_file(run.dir, "base").read_text())

@@ -89,6 +89,10 @@ class PipelineConfig:
     """Answer length for TruthfulQA questions."""
     eval_batch_size: int = 8
     """Generation batch size."""
+    eval_workers: int = 1
+    """Processes evaluating systems side by side, the machine's threads split between them. Small generation
+    batches use CPU threads poorly: on 2 cores, 2 processes x 1 thread evaluated 2 systems 1.55x faster than one
+    process with 2 threads, with the same answers (MC log-likelihoods differed by 1e-9)."""
     bootstrap: int = 1000
     """Bootstrap resamples for the 95% intervals."""
     bench_systems: tuple[str, ...] = ("base", "trinityx", "trinityx-token", "peft-multi", "dense-moe", "xlora")
@@ -108,6 +112,8 @@ class PipelineConfig:
                 raise TrinityXError(f"{flag} {stage!r} is not a stage; stages: {', '.join(STAGES)}")
         if not 0 < self.merge_density <= 1:
             raise TrinityXError(f"--merge-density must be in (0, 1], got {self.merge_density}")
+        if self.eval_workers < 1:
+            raise TrinityXError(f"--eval-workers must be at least 1, got {self.eval_workers}")
 
 
 class Run:
@@ -314,34 +320,101 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
 JUDGE_KINDS = ("helpful", "harm", "truth", "info")
 
 
-def eval_file(run: Run, system: str) -> Path:
-    return run.dir / "eval" / f"{system.replace(':', '__')}.json"
+def eval_file(run_dir: Path, system: str) -> Path:
+    return Path(run_dir) / "eval" / f"{system.replace(':', '__')}.json"
+
+
+def eval_log(run_dir: Path, system: str) -> Path:
+    """Where a worker process writes a system's evaluation log (its progress bars and messages)."""
+    return Path(run_dir) / "eval" / "logs" / f"{system.replace(':', '__')}.log"
 
 
 def stage_evaluate(run: Run, data_dir: Path) -> dict:
-    """Every system on every axis, same items and judges; a finished system is not evaluated again."""
+    """Every system on every axis, same items and judges; a finished system is not evaluated again.
+
+    With `eval_workers` > 1 the systems are shared among that many processes (spawned, the machine's threads
+    split between them); each writes its log to RUN/eval/logs/SYSTEM.log and the parent shows one bar."""
+    cfg = run.cfg
+    judges_dir = run.state["judges"]["info"]["folder"]
+    todo = [spec for spec in cfg.systems if not _evaluated(eval_file(run.dir, spec))]
+    if cfg.eval_workers <= 1 or len(todo) <= 1:
+        backbone = run.backbone()
+        seconds = {spec: evaluate_system(cfg, run.dir, spec, judges_dir, data_dir, backbone) for spec in todo}
+    else:
+        seconds = _evaluate_in_workers(run, todo, judges_dir, data_dir)
+    return {"seconds": seconds, "workers": min(cfg.eval_workers, max(len(todo), 1))}
+
+
+def _evaluated(out: Path) -> bool:
+    return out.is_file() and "finished" in json.loads(out.read_text())
+
+
+def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, data_dir: Path, backbone) -> float:
+    """Evaluate one system of the run into RUN/eval/SYSTEM.json; returns the seconds it took."""
     from trinityx.evaluate import evaluate
     from trinityx.systems import load_system
 
-    cfg = run.cfg
-    backbone = run.backbone()
-    judges_dir = run.state["judges"]["info"]["folder"]
-    seconds = {}
-    for spec in cfg.systems:
-        out = eval_file(run, spec)
-        if out.is_file() and "finished" in json.loads(out.read_text()):
-            continue
-        start = time.perf_counter()
-        system = load_system(spec, run.dir, backbone)
-        evaluate(system, ("helpful", "harmless", "honest"), cfg.eval_limit, out, cfg.seed, judges_dir,
-                 data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
+    start = time.perf_counter()
+    system = load_system(spec, run_dir, backbone)
+    try:
+        evaluate(system, ("helpful", "harmless", "honest"), cfg.eval_limit, eval_file(run_dir, spec), cfg.seed,
+                 judges_dir, data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
                  answer_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size,
-                 cache_dir=run.dir / "generations", config={"stage": "evaluate", "profile": cfg.profile})
+                 cache_dir=run_dir / "generations", config={"stage": "evaluate", "profile": cfg.profile})
         if spec == "trinityx":
-            write_json(run.dir / "eval" / "routing.json", routing_by_dataset(system, data_dir, cfg.eval_limit))
+            write_json(run_dir / "eval" / "routing.json", routing_by_dataset(system, data_dir, cfg.eval_limit))
+    finally:
         system.close()
-        seconds[spec] = time.perf_counter() - start
-    return {"seconds": seconds}
+    return time.perf_counter() - start
+
+
+_WORKER: dict = {}  # per worker process: its backbone, loaded once and reused for every system it evaluates
+
+
+def _init_eval_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _evaluate_in_worker(cfg: PipelineConfig, spec: str, judges_dir, data_dir: Path) -> float:
+    import contextlib
+
+    log = eval_log(cfg.out, spec)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
+        if "backbone" not in _WORKER:
+            _WORKER["backbone"] = load_backbone(cfg.backbone, cfg.dtype)
+        return evaluate_system(cfg, Path(cfg.out), spec, judges_dir, data_dir, _WORKER["backbone"])
+
+
+def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) -> dict[str, float]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    workers = min(run.cfg.eval_workers, len(todo))
+    threads = max(1, torch.get_num_threads() // workers)
+    # The routed systems cost the most: start them first so the workers finish together.
+    todo = sorted(todo, key=lambda spec: not spec.startswith("trinityx"))
+    print(f"evaluating {len(todo)} systems in {workers} processes x {threads} threads; "
+          f"logs in {run.dir / 'eval' / 'logs'}")
+    seconds = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_eval_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_evaluate_in_worker, run.cfg, spec, judges_dir, data_dir): spec for spec in todo}
+        with tqdm(total=len(todo), desc="evaluate systems", unit="system") as progress:
+            for future in as_completed(futures):
+                spec = futures[future]
+                try:
+                    seconds[spec] = future.result()
+                except Exception as error:
+                    pool.shutdown(cancel_futures=True)
+                    log = eval_log(run.dir, spec)
+                    raise TrinityXError(f"evaluating {spec} failed ({type(error).__name__}: {error}); its log: {log}. "
+                                        "Systems already evaluated are kept: rerun the same command to resume") from error
+                progress.set_postfix_str(f"{spec} {seconds[spec]:.0f} s")
+                progress.update()
+    return {spec: seconds[spec] for spec in todo}
 
 
 def routing_by_dataset(system, data_dir: Path, limit: int | None) -> dict:
@@ -400,7 +473,7 @@ def collect_results(run: Run) -> dict:
         if (run.dir / "bench_inference.json").is_file() else {}
     systems = {}
     for spec in cfg.systems:
-        f = eval_file(run, spec)
+        f = eval_file(run.dir, spec)
         if not f.is_file():
             continue
         axes = json.loads(f.read_text())["axes"]
