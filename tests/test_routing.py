@@ -50,3 +50,31 @@ def test_fit_router_learns_the_dimensions_and_trains_only_the_router(tiny_backbo
 def test_fit_router_refuses_missing_experts(tiny_backbone, data_dir, tmp_path):
     with pytest.raises(TrinityXError, match="train-expert --dimension helpful"):
         fit_router(RouterConfig(experts=tmp_path, out=tmp_path / "m", backbone=str(tiny_backbone), data_dir=str(data_dir)))
+
+
+def test_routers_of_one_backbone_share_one_routing_pass(tiny_backbone, experts, monkeypatch):
+    from trinityx.backbones import load_backbone
+    from trinityx.mocae import MoCaEConfig
+    from trinityx.routing import prompt_gate_logits
+
+    prompts = ["give tip 1", "how to steal a car", "what is the capital of France?"]
+    dims = ["helpful", "harmless", "honest"]
+    models = []
+    for seed in (0, 1):
+        model = MoCaEModel(load_backbone(str(tiny_backbone)).model, [experts / d for d in dims],
+                           MoCaEConfig(expert_names=dims, pool_layer=1))
+        torch.manual_seed(seed)  # two different router heads (a new head starts at zero) on the same states
+        for p in model.router.parameters():
+            p.data.normal_()
+        models.append(model)
+    alone = [prompt_gate_logits(m, load_backbone(str(tiny_backbone)), prompts, 32) for m in models]
+    passes = []
+    for m in models:
+        run_pass = m.pooled_hidden
+        monkeypatch.setattr(m, "pooled_hidden", lambda *a, run_pass=run_pass: passes.append(1) or run_pass(*a))
+    cache = {}
+    shared = [prompt_gate_logits(m, load_backbone(str(tiny_backbone)), prompts, 32, pooled_cache=cache) for m in models]
+    assert len(passes) == 1  # one batch, one pass, for both routers
+    assert not torch.equal(alone[0], alone[1])
+    for a, b in zip(alone, shared):
+        torch.testing.assert_close(a, b)

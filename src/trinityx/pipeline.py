@@ -244,10 +244,11 @@ def stage_router(run: Run, data_dir: Path) -> dict:
 
 def stage_calibration(run: Run, data_dir: Path) -> dict:
     reports = {}
+    pooled = {}  # the sequence routers read the same backbone states: one routing pass serves all of them
     for name in ROUTERS:
         report = calibrate(CalibrateConfig(run=run.dir / name, data_dir=str(data_dir), seed=run.cfg.seed,
                                            fit_examples=run.cfg.calibrate_examples,
-                                           test_examples=run.cfg.calibrate_examples), run.backbone())
+                                           test_examples=run.cfg.calibrate_examples), run.backbone(), pooled)
         reports[name] = {"temperature": report["temperature"], "ece_before": report["before"]["ece"],
                          "ece_after": report["after"]["ece"]}
     return reports

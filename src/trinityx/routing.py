@@ -179,14 +179,25 @@ def fit_router(cfg: RouterConfig, backbone: Backbone | None = None) -> dict:
 
 @torch.no_grad()
 def prompt_gate_logits(model: MoCaEModel, backbone: Backbone, prompts: list[str], max_length: int,
-                       batch_size: int = 16) -> torch.Tensor:
-    """Router logits [N, K] of prompts alone (what the router sees at inference)."""
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        enc = [encode(backbone.tokenizer, backbone.prompt_format, p, None, max_length) for p in prompts[s:s + batch_size]]
-        batch = collate(enc, backbone.tokenizer.pad_token_id, padding_side="left")
-        out.append(model.route(batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]))
-    return torch.cat(out)  # [N, K]
+                       batch_size: int = 16, pooled_cache: dict | None = None) -> torch.Tensor:
+    """Router logits [N, K] of prompts alone (what the router sees at inference).
+
+    `pooled_cache`: a dict shared by calls that score several sequence routers of one backbone on the same
+    prompts; each distinct (pool layer, normalisation, prompts) routing pass then runs once."""
+    def batches():
+        for s in range(0, len(prompts), batch_size):
+            enc = [encode(backbone.tokenizer, backbone.prompt_format, p, None, max_length)
+                   for p in prompts[s:s + batch_size]]
+            batch = collate(enc, backbone.tokenizer.pad_token_id, padding_side="left")
+            yield batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
+
+    if model.config.router != "sequence" or pooled_cache is None:
+        return torch.cat([model.route(*batch) for batch in batches()])  # [N, K]
+    key = (model.config.pool_layer, model.config.normalize_hidden, max_length, batch_size, tuple(prompts))
+    if key not in pooled_cache:
+        pooled_cache[key] = torch.cat([model.pooled_prompt(*batch) for batch in batches()])  # [N, D]
+    with torch.no_grad():
+        return model.router(pooled_cache[key])  # [N, K]
 
 
 def labelled_prompts(examples: list[data.SFTExample], order: dict[str, int]) -> tuple[list[str], torch.Tensor]:
@@ -225,8 +236,11 @@ class CalibrateConfig:
     """Seed of the prompt subsets."""
 
 
-def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None) -> dict:
-    """`trinityx calibrate`: write calibration.json and reliability diagrams; store T in mocae_config.json."""
+def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cache: dict | None = None) -> dict:
+    """`trinityx calibrate`: write calibration.json and reliability diagrams; store T in mocae_config.json.
+
+    `pooled_cache`: shared by calls that calibrate several sequence routers of one backbone (see
+    `prompt_gate_logits`)."""
     run = Path(cfg.run)
     if not (run / "mocae_config.json").is_file():
         raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json); create it with `trinityx fit-router`")
@@ -243,7 +257,8 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None) -> dict:
         for k in range(len(order)):  # a balanced subset: n prompts per dimension
             idx = (labels == k).nonzero().flatten()
             chosen += idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))[:n]].tolist()
-        logits = prompt_gate_logits(model, backbone, [prompts[i] for i in chosen], cfg.max_length)
+        logits = prompt_gate_logits(model, backbone, [prompts[i] for i in chosen], cfg.max_length,
+                                    pooled_cache=pooled_cache)
         sets[split] = (logits, labels[chosen])
     report = calibration_report(*sets["dev"], *sets["test"])
     if cfg.no_calibration:

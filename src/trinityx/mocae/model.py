@@ -279,11 +279,17 @@ class MoCaEModel(nn.Module):
         """Gate logits [B, K] of each example from its prompt tokens (prompt_mask; default all non-pad tokens)."""
         if self.config.router == "token":
             return self(input_ids, attention_mask, prompt_mask).gate_logits
+        return self.router(self.pooled_prompt(input_ids, attention_mask, prompt_mask))  # [B, K]
+
+    @torch.no_grad()
+    def pooled_prompt(self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None) -> Tensor:
+        """What a sequence router head reads [B, D]: the prompt tokens' pooled (normalised) hidden states.
+
+        The pass runs the bare backbone (no gates set = experts off) and is frozen, so it builds no graph and
+        depends only on the backbone, `pool_layer`, `normalize_hidden` and the tokens: routers that share those
+        can share it (calibration scores the pipeline's three sequence routers with one pass)."""
         mask = attention_mask if prompt_mask is None else prompt_mask * attention_mask  # [B, T]
-        # The pooling pass runs the bare backbone (no gates set = experts off); it is frozen, so no graph.
-        with torch.no_grad():
-            hidden = self.router_input(self.pooled_hidden(input_ids, attention_mask))  # [B, T, D]
-        return self.router(pool_prompt(hidden, mask))  # [B, K]
+        return pool_prompt(self.router_input(self.pooled_hidden(input_ids, attention_mask)), mask)
 
     def router_input(self, hidden: Tensor) -> Tensor:
         """What a router head reads of a hidden state [B, T, D]: RMS-normalised per token if configured."""
