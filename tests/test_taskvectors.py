@@ -196,6 +196,26 @@ def test_low_rank_svd_is_lossy_and_recorded(experts, tmp_path):
     assert set(record["reconstruction_error_per_module"]) == set(dense.deltas)
 
 
+def test_randomized_svd_is_near_optimal_and_seeded():
+    from trinityx.taskvectors import _factorise
+
+    torch.manual_seed(0)
+    delta = torch.randn(200, 120) * (torch.rand(200, 120) > 0.5)  # sparse like TIES/DARE: a flat spectrum
+    _, _, optimal = _factorise(delta, 8, "exact")
+    A, B, residual = _factorise(delta, 8, "randomized", torch.Generator().manual_seed(3))
+    assert optimal <= residual < 1.01 * optimal
+    assert residual == pytest.approx(torch.linalg.matrix_norm(delta - B @ A).item())
+    A2, B2, _ = _factorise(delta, 8, "randomized", torch.Generator().manual_seed(3))
+    assert torch.equal(A, A2) and torch.equal(B, B2)
+
+
+def test_merge_records_its_svd(experts, tmp_path):
+    out = merge([experts["a"], experts["b"]], [0.5, 0.5], "ties", tmp_path / "t", density=0.3, rank=2, svd="exact")
+    assert json.loads((out / MERGE_RECORD).read_text())["svd"] == "exact"
+    with pytest.raises(TrinityXError, match="unknown svd='qr'"):
+        merge([experts["a"], experts["b"]], [0.5, 0.5], "ties", tmp_path / "q", svd="qr")
+
+
 def test_dare_is_seeded(tiny_backbone, experts, tmp_path):
     dirs, weights = [experts["a"], experts["b"]], [0.5, 0.5]
     first = merge(dirs, weights, "dare", tmp_path / "s0", density=0.5, seed=0)
