@@ -62,6 +62,9 @@ class BenchConfig:
     """inference: measured rounds for xlora, which is slow (no KV cache, two passes per token)."""
     memory: bool = True
     """inference: measure each system's peak memory in a fresh subprocess (adds a few seconds per system)."""
+    memory_workers: int = 2
+    """inference: memory probes run side by side, this many at a time, before any timing (a process's peak is
+    its own); 1 on a GPU that cannot hold two copies of the model."""
     device: str = "cpu"
     """inference: torch device (cuda: memory is torch.cuda.max_memory_allocated)."""
     json: bool = False

@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def check_config(cfg: BenchConfig) -> list[Path]:
     if not 1 <= cfg.prompts <= len(PROMPTS):
         raise TrinityXError(f"--prompts {cfg.prompts} must be between 1 and {len(PROMPTS)} (the built-in prompts)")
     for flag, value in (("--request-batch", cfg.request_batch), ("--new-tokens", cfg.new_tokens), ("--repeats", cfg.repeats),
-                        ("--xlora-repeats", cfg.xlora_repeats)):
+                        ("--xlora-repeats", cfg.xlora_repeats), ("--memory-workers", cfg.memory_workers)):
         if value < 1:
             raise TrinityXError(f"{flag} {value} must be >= 1")
     unknown = [s for s in cfg.systems if s not in SYSTEMS]
@@ -381,7 +382,10 @@ def bench_inference(cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     folders = check_config(cfg)
-    memory = {name: measure_memory(cfg, name) if cfg.memory else None for name in cfg.systems}
+    memory = dict.fromkeys(cfg.systems)
+    if cfg.memory:
+        with ThreadPoolExecutor(cfg.memory_workers) as pool:  # each probe is its own process
+            memory = dict(zip(cfg.systems, pool.map(lambda name: measure_memory(cfg, name), cfg.systems)))
 
     systems, requests, pad = {}, None, None
     for name in cfg.systems:
