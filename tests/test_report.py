@@ -139,3 +139,11 @@ def test_missing_results_json_is_a_clear_error(tmp_path):
 def test_fixture_is_small_and_marked_synthetic():
     assert FIXTURE.stat().st_size < 20_000
     assert "SYNTHETIC" in json.loads(FIXTURE.read_text())["_comment"]
+
+
+def test_systems_whose_markers_coincide_share_one_label():
+    from trinityx.report import coinciding
+
+    points = [("a", 0, 0), ("b", 0, 0), ("c", 5, 0), ("d", 50, 50)]
+    xy = [(0.0, 0.0), (3.0, 2.0), (20.0, 0.0), (100.0, 100.0)]  # pixels: b is 3 px from a, c 20 px
+    assert coinciding(points, xy) == [[0, 1], [2], [3]]

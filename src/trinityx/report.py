@@ -321,6 +321,19 @@ LABEL_OFFSETS = [(7, 4), (7, -9), (-7, 4), (-7, -9), (0, 12), (0, -16)] + [
                                                      (0, 22), (0, -26))]
 
 
+def coinciding(points: list[tuple[str, float, float]], xy, pixels: float = 6.0) -> list[list[int]]:
+    """Indices of points grouped by markers that overlap on screen (within `pixels` of the group's first)."""
+    groups: list[list[int]] = []
+    for i, (px, py) in enumerate(xy):
+        for g in groups:
+            if abs(xy[g[0]][0] - px) <= pixels and abs(xy[g[0]][1] - py) <= pixels:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
 def place_labels(fig: Figure, ax, points: list[tuple[str, float, float]]) -> None:
     """Annotate each point with its name where the label overlaps no marker and no earlier label (greedy)."""
     fig.canvas.draw()  # settle the layout so display coordinates are final
@@ -329,28 +342,41 @@ def place_labels(fig: Figure, ax, points: list[tuple[str, float, float]]) -> Non
     xy = ax.transData.transform([(x, y) for _, x, y in points])  # [N, 2] pixels
     taken = [Bbox.from_bounds(px - 6, py - 6, 12, 12) for px, py in xy]
     # trinityx first: it gets the best place.
-    for i in sorted(range(len(points)), key=lambda i: points[i][0] != OURS):
-        name, x, y = points[i]
-        first = None
+    for group in sorted(coinciding(points, xy), key=lambda g: OURS not in [points[i][0] for i in g]):
+        names = [points[i][0] for i in group]
+        _, x, y = points[group[0]]
+        # Systems whose markers coincide share one label, two names per line.
+        name = "\n".join(", ".join(names[k:k + 2]) for k in range(0, len(names), 2))
+        best = None  # (overlap, annotation): kept when no place is free, the least crowded one
         for dx, dy in LABEL_OFFSETS:
             far = abs(dx) + abs(dy) > 20
             ann = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
                               ha="left" if dx > 0 else ("right" if dx < 0 else "center"), va="center",
-                              fontweight="bold" if name == OURS else "normal", zorder=4,
+                              fontweight="bold" if OURS in names else "normal", zorder=4,
                               arrowprops=dict(arrowstyle="-", color="0.45", lw=0.6, shrinkA=0, shrinkB=4) if far else None)
             ann.set_in_layout(False)
             box = ann.get_window_extent(renderer).expanded(1.04, 1.15)
-            fits = frame.containsx(box.x0) and frame.containsx(box.x1) and frame.containsy(box.y0) \
-                and frame.containsy(box.y1) and not any(box.overlaps(t) for t in taken)
-            if fits:
+            inside = frame.containsx(box.x0) and frame.containsx(box.x1) and frame.containsy(box.y0) \
+                and frame.containsy(box.y1)
+            overlap = sum(_area(box, t) for t in taken) + (0.0 if inside else box.width * box.height)
+            if overlap == 0:
                 taken.append(box)
-                if first is not None:
-                    first.remove()
+                if best is not None:
+                    best[1].remove()
                 break
-            if first is None:
-                first = ann  # kept when no place is free
+            if best is None or overlap < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (overlap, ann, box)
             else:
                 ann.remove()
+        else:
+            taken.append(best[2])
+
+
+def _area(a: Bbox, b: Bbox) -> float:
+    """Area of the intersection of two boxes (0 when they do not overlap)."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def draw_radar(results: dict, path: Path) -> list[str] | None:
