@@ -321,7 +321,7 @@ LABEL_OFFSETS = [(7, 4), (7, -9), (-7, 4), (-7, -9), (0, 12), (0, -16)] + [
                                                      (0, 22), (0, -26))]
 
 
-def coinciding(points: list[tuple[str, float, float]], xy, pixels: float = 6.0) -> list[list[int]]:
+def coinciding(points: list[tuple[str, float, float]], xy, pixels: float = 10.0) -> list[list[int]]:
     """Indices of points grouped by markers that overlap on screen (within `pixels` of the group's first)."""
     groups: list[list[int]] = []
     for i, (px, py) in enumerate(xy):
