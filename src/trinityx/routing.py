@@ -196,8 +196,7 @@ def prompt_gate_logits(model: MoCaEModel, backbone: Backbone, prompts: list[str]
     key = (model.config.pool_layer, model.config.normalize_hidden, max_length, batch_size, tuple(prompts))
     if key not in pooled_cache:
         pooled_cache[key] = torch.cat([model.pooled_prompt(*batch) for batch in batches()])  # [N, D]
-    with torch.no_grad():
-        return model.router(pooled_cache[key])  # [N, K]
+    return model.router(pooled_cache[key])  # [N, K]
 
 
 def labelled_prompts(examples: list[data.SFTExample], order: dict[str, int]) -> tuple[list[str], torch.Tensor]:
