@@ -327,7 +327,8 @@ def eval_file(run_dir: Path, system: str) -> Path:
 
 def eval_log(run_dir: Path, system: str) -> Path:
     """Where a worker process writes a system's evaluation log (its progress bars and messages)."""
-    return Path(run_dir) / "eval" / "logs" / f"{system.replace(':', '__')}.log"
+    out = eval_file(run_dir, system)
+    return out.parent / "logs" / f"{out.stem}.log"
 
 
 def stage_evaluate(run: Run, data_dir: Path) -> dict:

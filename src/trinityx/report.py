@@ -347,7 +347,7 @@ def place_labels(fig: Figure, ax, points: list[tuple[str, float, float]]) -> Non
         _, x, y = points[group[0]]
         # Systems whose markers coincide share one label, two names per line.
         name = "\n".join(", ".join(names[k:k + 2]) for k in range(0, len(names), 2))
-        best = None  # (overlap, annotation): kept when no place is free, the least crowded one
+        best = None  # (overlap, annotation, box): the least crowded place so far; the first free one ends the search
         for dx, dy in LABEL_OFFSETS:
             far = abs(dx) + abs(dy) > 20
             ann = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
@@ -358,25 +358,20 @@ def place_labels(fig: Figure, ax, points: list[tuple[str, float, float]]) -> Non
             box = ann.get_window_extent(renderer).expanded(1.04, 1.15)
             inside = frame.containsx(box.x0) and frame.containsx(box.x1) and frame.containsy(box.y0) \
                 and frame.containsy(box.y1)
-            overlap = sum(_area(box, t) for t in taken) + (0.0 if inside else box.width * box.height)
-            if overlap == 0:
-                taken.append(box)
-                if best is not None:
-                    best[1].remove()
-                break
+            overlap = sum(_area(Bbox.intersection(box, t)) for t in taken) + (0.0 if inside else _area(box))
             if best is None or overlap < best[0]:
                 if best is not None:
                     best[1].remove()
                 best = (overlap, ann, box)
             else:
                 ann.remove()
-        else:
-            taken.append(best[2])
+            if overlap == 0:
+                break
+        taken.append(best[2])
 
 
-def _area(a: Bbox, b: Bbox) -> float:
-    """Area of the intersection of two boxes (0 when they do not overlap)."""
-    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+def _area(box: Bbox | None) -> float:
+    return 0.0 if box is None else box.width * box.height
 
 
 def draw_radar(results: dict, path: Path) -> list[str] | None:
