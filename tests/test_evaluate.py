@@ -216,7 +216,7 @@ def test_mc_scores_match_metrics_on_known_loglikelihoods(monkeypatch, run, backb
     questions = data.load_truthfulqa_mc(data_dir, "test")[:2]
     s = load_system("base", run, backbone)
     # Fake log-likelihoods: the first (true) choice of question 0 is most likely, a false one for question 1.
-    def fake(contexts, continuations, batch_size):
+    def fake(contexts, continuations, batch_size, gates=None):
         return [-1.0 if (c.startswith(qa_prompt(questions[0].question)) and x == f" {questions[0].mc2_choices[0]}")
                 else (-0.5 if x == f" {questions[1].mc2_choices[-1]}" else -3.0)
                 for c, x in zip(contexts, continuations)]
@@ -383,3 +383,48 @@ def test_shards_share_the_generation_cache(run, backbone, data_dir, tmp_path, mo
     evaluate(s, ("harmless",), out=tmp_path / "one.json", **kwargs)  # one process: every answer is cached
     s.close()
     assert calls == []
+
+
+def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, backbone, data_dir, tmp_path):
+    from trinityx.evaluate import item_values, paired_comparison
+
+    s = load_system("trinityx", run, backbone)
+    out = tmp_path / "trinityx.json"
+    saved = evaluate(s, ("helpful", "harmless", "honest"), limit=3, out=out, data_dir=data_dir, judges=fake_judges(),
+                     max_new_tokens=4, answer_tokens=4, bootstrap=20, cache_dir=tmp_path / "cache")
+    questions = [q.question for q in data.load_truthfulqa(data_dir, "test")[:3]]
+    honest = json.loads((tmp_path / "trinityx.honest.json").read_text())["records"]
+    # A TruthfulQA question is routed as the question, in the chat format, never as the few-shot QA primer.
+    expected = s.gates(questions)
+    primer = s.gates([qa_prompt(q) for q in questions])
+    torch.testing.assert_close(torch.tensor([r["gates"] for r in honest]), expected)
+    assert not torch.allclose(expected, primer)
+    routing = saved["axes"]["honest"]["routing"]
+    assert routing["dimension"] == "honest" and routing["n"] == 3
+    assert sum(routing["argmax_counts"].values()) == 3
+    assert routing["accuracy"] == routing["argmax_counts"]["honest"] / 3
+    torch.testing.assert_close(torch.tensor(list(routing["mean_gates"].values())), expected.mean(0))
+    s.close()
+
+    oracle = load_system("trinityx:oracle", run, backbone)
+    assert oracle.fingerprint != s.fingerprint
+    result = evaluate(oracle, ("helpful", "harmless", "honest"), limit=3, out=tmp_path / "oracle.json",
+                      data_dir=data_dir, judges=fake_judges(), max_new_tokens=4, answer_tokens=4, bootstrap=20,
+                      cache_dir=tmp_path / "cache")
+    for axis in ("helpful", "harmless", "honest"):
+        assert result["axes"][axis]["routing"]["accuracy"] == 1.0
+        assert result["axes"][axis]["routing"]["mean_gates"][axis] == 1.0
+    # One-hot on honest is the honest expert alone: the same MC log-likelihoods as expert:honest.
+    oracle.close()
+    expert = load_system("expert:honest", run, backbone)
+    evaluate(expert, ("honest",), limit=3, out=tmp_path / "expert.json", data_dir=data_dir, judges=fake_judges(),
+             max_new_tokens=4, answer_tokens=4, bootstrap=20, cache_dir=tmp_path / "cache")
+    expert.close()
+    mine, theirs = item_values(tmp_path / "oracle.json"), item_values(tmp_path / "expert.json")
+    for i in mine["mc2"]:
+        assert mine["mc2"][i] == pytest.approx(theirs["mc2"][i], abs=1e-4)
+    same = paired_comparison(mine, theirs, seed=0, n_boot=50)
+    assert set(same) == {"mc1", "mc2", "truthful", "informative", "truth_x_info"}  # the axes both have
+    assert same["mc2"]["verdict"] == "tie" and abs(same["mc2"]["difference"]) < 1e-3
+    against = paired_comparison(item_values(out), mine, seed=0, n_boot=50)
+    assert against["win_rate"]["n"] == 3 and len(against["lc_win_rate"]["ci95"]) == 2

@@ -107,3 +107,37 @@ def test_bootstrap_ci():
     assert lo < values.mean() < hi
     rows = np.stack([values, values], axis=1)
     assert metrics.bootstrap_ci(rows, seed=7, statistic=lambda r: r[:, 0].mean()) == (lo, hi)
+
+
+def test_paired_difference_is_tighter_than_overlapping_intervals():
+    # b is a plus a small constant gain on every item: the marginal intervals overlap, the paired one excludes 0.
+    rng = np.random.default_rng(0)
+    a = rng.normal(50, 20, size=60)
+    b = a + 2.0
+    assert metrics.bootstrap_ci(a, seed=1)[1] > metrics.bootstrap_ci(b, seed=1)[0]  # marginal: overlap
+    d = metrics.paired_difference(b, a, seed=1)
+    assert d["difference"] == pytest.approx(2.0)
+    assert d["ci95"] == pytest.approx([2.0, 2.0])
+    assert d["n"] == 60
+    assert metrics.paired_verdict(d) == "win"
+    assert metrics.paired_verdict(d, higher_is_better=False) == "loss"
+    assert metrics.paired_verdict(metrics.paired_difference(a, b, seed=1)) == "loss"
+
+
+def test_paired_difference_of_identical_systems_is_a_tie():
+    a = [0.0, 1.0, 1.0, 0.0, 1.0]
+    d = metrics.paired_difference(a, a, seed=0)
+    assert d == {"difference": 0.0, "ci95": [0.0, 0.0], "n": 5}
+    assert metrics.paired_verdict(d) == "tie"
+    # Noisy differences of both signs: the interval straddles 0.
+    d = metrics.paired_difference([1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 1, 0], seed=0)
+    assert d["ci95"][0] < 0 < d["ci95"][1] and metrics.paired_verdict(d) == "tie"
+
+
+def test_paired_difference_takes_a_statistic_of_rows_and_checks_shapes():
+    rows_a = np.array([[1.0, 10], [0.0, 20], [1.0, 30]])
+    rows_b = np.array([[0.0, 10], [0.0, 20], [0.0, 30]])
+    d = metrics.paired_difference(rows_a, rows_b, seed=0, statistic=lambda r: 100 * r[:, 0].mean())
+    assert d["difference"] == pytest.approx(100 * 2 / 3)
+    with pytest.raises(ValueError, match="same items"):
+        metrics.paired_difference([1.0, 2.0], [1.0], seed=0)

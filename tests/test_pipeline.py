@@ -62,7 +62,7 @@ bench_new_tokens: 2
 bench_repeats: 1
 bench_systems: [base, trinityx, peft-multi]
 bench_memory: false
-systems: [base, expert:honest, merge:ties, trinityx, trinityx:uniform, trinityx-token]
+systems: [base, expert:honest, merge:ties, trinityx, trinityx:oracle, trinityx:uniform, trinityx-token]
 expert_train: {{max_steps: 2, batch_size: 4, micro_batch_size: 4, eval_every: 2, dev_examples: 6}}
 router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3, dev_examples: 6}}
 """)
@@ -76,6 +76,22 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     assert 0 <= row["honest"]["mc1"] <= 100 and "efficiency" in row
     assert results["judges"]["harmless"]["accuracy"] == 0.8 and results["router"]["temperature"] > 0
     assert set(results["routing"]) == {"alpaca_eval", "beavertails", "truthfulqa"}
+    for name, dimension in (("alpaca_eval", "helpful"), ("beavertails", "harmless"), ("truthfulqa", "honest")):
+        routed = results["routing_accuracy"][name]
+        assert routed["dimension"] == dimension and routed["n"] == 3
+        assert routed["accuracy"] == routed["argmax_counts"][dimension] / 3
+    # Paired verdicts: trinityx and the oracle against every system, every system against base.
+    assert set(results["paired"]["trinityx"]) == {"base", "expert:honest", "merge:ties", "trinityx:oracle",
+                                                  "trinityx:uniform", "trinityx-token"}
+    assert results["paired"]["expert:honest"]["base"]["mc2"]["verdict"] in ("win", "tie", "loss")
+    d = results["paired"]["trinityx"]["base"]["win_rate"]
+    assert d["n"] == 3 and d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    oracle = json.loads(pipeline.eval_file(out, "trinityx:oracle").read_text())["axes"]
+    assert all(oracle[axis]["routing"]["accuracy"] == 1.0 for axis in ("helpful", "harmless", "honest"))
+    # The router trained on cached states of the routing data (no evaluation item among them).
+    log = json.loads((out / "mocae" / "train_log.json").read_text())
+    assert log["phase"] == "states" and log["routing_data"]["train"]["dropped_evaluation_items"] == 0
+    assert not (out / "mocae-no-gl").exists()  # only the routers the systems need are trained
     assert set(results["stage_seconds"]) >= set(pipeline.STAGES) - {"report"}
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     for name in ("experts/helpful", "datamix", "reference", "merges/dare", "mocae", "mocae-token"):

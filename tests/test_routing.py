@@ -70,8 +70,8 @@ def test_routers_of_one_backbone_share_one_routing_pass(tiny_backbone, experts, 
     alone = [prompt_gate_logits(m, load_backbone(str(tiny_backbone)), prompts, 32) for m in models]
     passes = []
     for m in models:
-        run_pass = m.pooled_hidden
-        monkeypatch.setattr(m, "pooled_hidden", lambda *a, run_pass=run_pass: passes.append(1) or run_pass(*a))
+        run_pass = m.hidden_states_at
+        monkeypatch.setattr(m, "hidden_states_at", lambda *a, run_pass=run_pass: passes.append(1) or run_pass(*a))
     cache = {}
     shared = [prompt_gate_logits(m, load_backbone(str(tiny_backbone)), prompts, 32, pooled_cache=cache) for m in models]
     assert len(passes) == 1  # one batch, one pass, for both routers

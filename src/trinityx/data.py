@@ -627,3 +627,114 @@ def load_mixture(data_dir, split: str, per_dimension: int | None = None, seed: i
             examples = rng.sample(examples, per_dimension)
         mixture += examples
     return mixture
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing data: prompts labelled by dimension (design.md, "routing data")
+
+ROUTING_SPLIT_SEED = 20261201
+ROUTING_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}
+# Built-in routing sources: name -> the dimension its prompts ask for. None of them holds an evaluation item.
+ROUTING_SOURCES: dict[str, str] = {
+    "alpaca": "helpful",                   # the helpful expert's Alpaca instructions (every split)
+    "alpaca_eval_judge_train": "helpful",  # AlpacaEval's judge_train instructions (the eval split is never used)
+    "pku_saferlhf": "harmless",            # PKU-SafeRLHF prompts of both files
+    "truthfulqa": "honest",                # TruthfulQA train and dev questions (test questions are evaluation items)
+}
+
+
+@dataclass(frozen=True)
+class RoutingPrompt:
+    prompt: str
+    dimension: str
+    source: str
+
+
+def evaluation_prompts(data_dir) -> set[str]:
+    """The normalised text of every evaluation item (AlpacaEval eval, BeaverTails-Evaluation, TruthfulQA test)."""
+    texts = [it.instruction for it in load_alpaca_eval(data_dir, "eval")]
+    texts += [p.prompt for p in load_safety_prompts(data_dir)]
+    texts += [q.question for q in load_truthfulqa(data_dir, "test")]
+    return {_normalise(t) for t in texts}
+
+
+def _routing_source(name: str, data_dir) -> list[str]:
+    if name == "alpaca":
+        return [e.prompt for split in SPLITS for e in load_sft("helpful", data_dir, split)]
+    if name == "alpaca_eval_judge_train":
+        return [it.instruction for it in load_alpaca_eval(data_dir, "judge_train")]
+    if name == "pku_saferlhf":
+        return ([e.prompt for split in SPLITS for e in load_sft("harmless", data_dir, split)]
+                + [r.prompt for split in SPLITS for r in load_labelled_responses(data_dir, split)])
+    return [q.question for split in ("train", "dev") for q in load_truthfulqa(data_dir, split)]
+
+
+def _routing_file(path: Path, dimensions, evaluation: set[str]) -> list[RoutingPrompt]:
+    """A user's `{prompt, dimension}` rows (a JSON array or JSON lines), checked row by row."""
+    if not path.is_file():
+        raise TrinityXError(f"routing file {path} does not exist; give a JSON or JSON-lines file of "
+                            "{\"prompt\": ..., \"dimension\": ...} rows")
+    rows = list(_read_jsonl(path)) if path.suffix in (".jsonl", ".gz") else _json_rows(path)
+    if not rows:
+        raise TrinityXError(f"routing file {path} has no rows; add {{prompt, dimension}} rows or drop the file")
+    prompts = []
+    for where, row in rows:
+        where = f"line {where}" if isinstance(where, int) else where
+        _require(row, {"prompt": str, "dimension": str}, path, where)
+        if row["dimension"] not in dimensions:
+            raise TrinityXError(f"{path}: {where}: dimension {row['dimension']!r} is not one of the router's "
+                                f"dimensions {', '.join(dimensions)}; fix that row")
+        if not row["prompt"].strip():
+            raise TrinityXError(f"{path}: {where}: the prompt is empty; fix or remove that row")
+        if _normalise(row["prompt"]) in evaluation:
+            raise TrinityXError(f"{path}: {where}: the prompt is an evaluation item (AlpacaEval eval, "
+                                "BeaverTails-Evaluation or TruthfulQA test); a router must never learn from the "
+                                "items it is evaluated on: remove that row")
+        prompts.append(RoutingPrompt(row["prompt"], row["dimension"], str(path)))
+    return prompts
+
+
+def load_routing_prompts(data_dir, split: str, sources: tuple[str, ...] = tuple(ROUTING_SOURCES),
+                         files: tuple[str | Path, ...] = (), dimensions: tuple[str, ...] = DIMENSIONS,
+                         ) -> tuple[list[RoutingPrompt], dict]:
+    """Distinct labelled prompts of routing split `split` from the built-in `sources` and the user's `files`.
+
+    A prompt's routing split is a hash of its text (ROUTING_FRACTIONS, ROUTING_SPLIT_SEED), whatever source it
+    comes from. A prompt labelled with two dimensions is dropped (it teaches nothing); a built-in prompt that is
+    also an evaluation item is dropped too, and a user's file holding one is an error. Returns the prompts and
+    a record {source: count, "dropped_evaluation_items": n, "dropped_ambiguous": n}.
+    """
+    _check_choice("routing split", split, SPLITS)
+    unknown = [s for s in sources if s not in ROUTING_SOURCES]
+    if unknown:
+        raise TrinityXError(f"unknown routing source(s) {unknown}; choose from {', '.join(ROUTING_SOURCES)}")
+    evaluation = evaluation_prompts(data_dir)
+    found: list[RoutingPrompt] = []
+    dropped_eval = 0
+    for name in sources:
+        if ROUTING_SOURCES[name] not in dimensions:
+            continue
+        for text in _routing_source(name, data_dir):
+            if _normalise(text) in evaluation:
+                dropped_eval += 1
+                continue
+            found.append(RoutingPrompt(text, ROUTING_SOURCES[name], name))
+    for file in files:
+        found += _routing_file(Path(file).expanduser(), dimensions, evaluation)
+    labels: dict[str, set[str]] = {}
+    for p in found:
+        labels.setdefault(_normalise(p.prompt), set()).add(p.dimension)
+    chosen, seen = [], set()
+    for p in found:
+        key = _normalise(p.prompt)
+        if key in seen or len(labels[key]) > 1 or split_of(p.prompt, ROUTING_FRACTIONS, ROUTING_SPLIT_SEED) != split:
+            continue
+        seen.add(key)
+        chosen.append(p)
+    if not chosen:
+        raise TrinityXError(f"no routing prompts in split {split!r} from sources {list(sources)} and files "
+                            f"{[str(f) for f in files]}; add sources or files")
+    record = {source: sum(p.source == source for p in chosen) for source in dict.fromkeys(p.source for p in chosen)}
+    record.update({"dropped_evaluation_items": dropped_eval,
+                   "dropped_ambiguous": sum(len(v) > 1 for v in labels.values())})
+    return chosen, record

@@ -123,9 +123,12 @@ def cache_path(system, cache_dir: str | Path | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{system.fingerprint[:16]}.jsonl"
 
 
-def cache_key(fingerprint: str, text: str, settings: GenerationSettings) -> str:
-    payload = json.dumps({"system": fingerprint, "prompt": text, "settings": settings.key()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def cache_key(fingerprint: str, text: str, settings: GenerationSettings, gates: list[float] | None = None) -> str:
+    """sha256 of the system, the prompt, the settings and, when the caller routed the prompt itself, its gates."""
+    payload = {"system": fingerprint, "prompt": text, "settings": settings.key()}
+    if gates is not None:
+        payload["gates"] = [round(g, 6) for g in gates]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 BACKENDS = ("hf", "vllm")
@@ -133,14 +136,17 @@ VLLM_CHUNK = 256  # prompts per vLLM call: it batches them itself; each finished
 
 
 @torch.inference_mode()
-def generate_batch(system, texts: list[str], settings: GenerationSettings) -> list[str]:
-    """Answers to already formatted prompts, as one left-padded batch (or one vLLM call)."""
+def generate_batch(system, texts: list[str], settings: GenerationSettings, gates: torch.Tensor | None = None) -> list[str]:
+    """Answers to already formatted prompts, as one left-padded batch (or one vLLM call).
+
+    `gates` [B, K]: sequence gates the caller routed (from each item's request); None lets the system route
+    the prompt it is given."""
     tokenizer = system.tokenizer
     if settings.backend == "vllm":
         from trinityx import vllm_backend
 
         ids = tokenizer(texts, add_special_tokens=settings.raw).input_ids
-        return [cut_at_stop(a, settings.stop) for a in vllm_backend.generate(system, ids, settings)]
+        return [cut_at_stop(a, settings.stop) for a in vllm_backend.generate(system, ids, settings, gates)]
     # A chat template writes its own special tokens; a raw prompt gets the tokenizer's (lm-eval's tok_encode).
     batch = tokenizer(texts, add_special_tokens=settings.raw, padding=True, padding_side="left",
                       return_tensors="pt").to(system.backbone.model.device)
@@ -154,20 +160,28 @@ def generate_batch(system, texts: list[str], settings: GenerationSettings) -> li
         kwargs.update(temperature=None, top_p=None, top_k=None)  # silence the model's sampling defaults
     if settings.stop:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, settings.stop, prompt_length)])
-    out = system.generate_ids(batch.input_ids, batch.attention_mask, **kwargs)  # [B, T + new]
+    out = system.generate_ids(batch.input_ids, batch.attention_mask, gates=gates, **kwargs)  # [B, T + new]
     answers = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
     return [cut_at_stop(a, settings.stop) for a in answers]
 
 
 def generate(system, prompts: list[str], settings: GenerationSettings | None = None,
-             cache_dir: str | Path | None = None, desc: str | None = None) -> list[str]:
-    """Answers to prompts (written in the backbone's prompt format unless settings.raw), cached on disk."""
+             cache_dir: str | Path | None = None, desc: str | None = None,
+             gates: torch.Tensor | None = None) -> list[str]:
+    """Answers to prompts (written in the backbone's prompt format unless settings.raw), cached on disk.
+
+    `gates` [N, K], one row per prompt: sequence gates routed by the caller from each item's request (the
+    evaluation routes a TruthfulQA question by the question, not by the few-shot primer it answers after);
+    None lets a routed system route the prompt it is given."""
     settings = settings or GenerationSettings()
     if settings.backend not in BACKENDS:
         raise TrinityXError(f"generation backend {settings.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     tokenizer, prompt_format = system.tokenizer, system.backbone.prompt_format
     texts = list(prompts) if settings.raw else [format_prompt(tokenizer, prompt_format, p) for p in prompts]
-    keys = [cache_key(system.fingerprint, t, settings) for t in texts]
+    if gates is not None and len(gates) != len(texts):
+        raise TrinityXError(f"{len(gates)} gate rows for {len(texts)} prompts: give one row per prompt")
+    rows = [None] * len(texts) if gates is None else gates.tolist()
+    keys = [cache_key(system.fingerprint, t, settings, g) for t, g in zip(texts, rows)]
     cache = GenerationCache(cache_path(system, cache_dir))
     todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache.outputs}.values())
     # Longest first: batches of similar length pad little, and the first batch shows the worst-case memory.
@@ -178,7 +192,8 @@ def generate(system, prompts: list[str], settings: GenerationSettings | None = N
         step = VLLM_CHUNK if settings.backend == "vllm" else settings.batch_size
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
-            answers = generate_batch(system, [texts[i] for i in chunk], settings)
+            answers = generate_batch(system, [texts[i] for i in chunk], settings,
+                                     None if gates is None else gates[chunk])
             cache.append([{"key": keys[i], "prompt": prompts[i], "output": a} for i, a in zip(chunk, answers)])
             progress.update(len(chunk))
     return [cache.outputs[k] for k in keys]
@@ -224,13 +239,15 @@ class PrefixCache:
 
 
 @torch.inference_mode()
-def _context_pass(system, context_ids: list[int], reuse: PrefixCache | None):
-    """(gates, KV cache of the whole context, log-probabilities after its last token [V])."""
+def _context_pass(system, context_ids: list[int], reuse: PrefixCache | None, gates: torch.Tensor | None = None):
+    """(gates, KV cache of the whole context, log-probabilities after its last token [V]).
+
+    `gates` [1, K]: routed by the caller; None lets a routed system route the context itself."""
     device = system.backbone.model.device
     lm = system.causal_lm()
     ids = torch.tensor([context_ids], device=device)  # [1, T]
     mask = torch.ones_like(ids)
-    gates = system.route(ids, mask)  # [1, K] or None
+    gates = system.route(ids, mask) if gates is None else gates  # [1, K] or None
     n = reuse.shared(context_ids) if reuse is not None and gates is None else 0
     with system.gated(gates):
         if n:
@@ -248,12 +265,12 @@ def _context_pass(system, context_ids: list[int], reuse: PrefixCache | None):
 
 @torch.inference_mode()
 def _score_context(system, context_ids: list[int], continuations: list[list[int]], batch_size: int,
-                   reuse: PrefixCache | None = None) -> list[float]:
+                   reuse: PrefixCache | None = None, gates: torch.Tensor | None = None) -> list[float]:
     """Summed log-probabilities of each continuation after one context, the context computed once."""
     device = system.backbone.model.device
     lm = system.causal_lm()
     mask = torch.ones((1, len(context_ids)), dtype=torch.long, device=device)
-    gates, context_kv, first = _context_pass(system, context_ids, reuse)  # first: [V], each continuation's 1st token
+    gates, context_kv, first = _context_pass(system, context_ids, reuse, gates)  # first: [V], each continuation's 1st
     scores = []
     for start in range(0, len(continuations), batch_size):
         chunk = continuations[start:start + batch_size]
@@ -277,10 +294,15 @@ def _score_context(system, context_ids: list[int], continuations: list[list[int]
 
 
 def loglikelihoods(system, contexts: list[str], continuations: list[str], batch_size: int = 32,
-                   desc: str | None = None) -> list[float]:
-    """log P(continuation | context), summed over the continuation's tokens, for each pair (no chat template)."""
+                   desc: str | None = None, gates: torch.Tensor | None = None) -> list[float]:
+    """log P(continuation | context), summed over the continuation's tokens, for each pair (no chat template).
+
+    `gates` [N, K], one row per pair (pairs of one context share a row): sequence gates routed by the caller;
+    None lets a routed system route each context itself."""
     if len(contexts) != len(continuations):
         raise TrinityXError(f"{len(contexts)} contexts but {len(continuations)} continuations: give one each")
+    if gates is not None and len(gates) != len(contexts):
+        raise TrinityXError(f"{len(gates)} gate rows for {len(contexts)} contexts: give one row per pair")
     groups: dict[str, list[int]] = {}
     for i, context in enumerate(contexts):
         groups.setdefault(context, []).append(i)
@@ -292,6 +314,8 @@ def loglikelihoods(system, contexts: list[str], continuations: list[str], batch_
         if any(not c for _, c in pairs):
             raise TrinityXError(f"an empty continuation after context {context[-60:]!r}: nothing to score")
         context_ids = pairs[0][0]
-        for i, value in zip(indices, _score_context(system, context_ids, [c for _, c in pairs], batch_size, reuse)):
+        context_gates = None if gates is None else gates[indices[0]:indices[0] + 1]  # [1, K]
+        for i, value in zip(indices, _score_context(system, context_ids, [c for _, c in pairs], batch_size, reuse,
+                                                    context_gates)):
             scores[i] = value
     return scores

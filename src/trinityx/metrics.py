@@ -15,6 +15,9 @@ resample them.
 - `rate`, `joint_rate`: the share of flagged items, and the mean of a per-item product (TruthfulQA's
   "% true and informative" is the mean of truth x info per answer, not the product of the two rates).
 - `bootstrap_ci`: the 95% percentile bootstrap interval of a statistic over items (Efron & Tibshirani 1993).
+- `paired_difference`: two systems scored on the same items, the difference of a statistic and the 95%
+  interval of that difference from a paired bootstrap (both systems resampled with the same item indices), so
+  the variation that items share cancels; `paired_verdict` calls a win or loss only when it excludes 0.
 """
 
 from collections.abc import Callable, Sequence
@@ -135,3 +138,32 @@ def bootstrap_ci(values, n: int = 1000, seed: int = 0,
     stats = np.array([statistic(items[i]) for i in index])
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def paired_difference(a, b, n: int = 1000, seed: int = 0,
+                      statistic: Callable[[np.ndarray], float] | None = None) -> dict:
+    """statistic(a) - statistic(b) on the same items, with a paired bootstrap 95% interval of the difference.
+
+    `a` and `b` hold one value (or one row) per item, item i of `a` and of `b` being the same prompt. Each
+    resample draws one set of item indices and applies it to both systems (Efron & Tibshirani 1993, ch. 14):
+    the spread of the items themselves cancels, which the overlap of two marginal intervals ignores.
+    Returns {"difference", "ci95": [lo, hi], "n"}.
+    """
+    a, b = _as_array(a, "a"), _as_array(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired items: a has shape {a.shape}, b {b.shape}; score both systems on the same items")
+    statistic = statistic or np.mean
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(a), size=(n, len(a)))  # [n, N]
+    diffs = np.array([statistic(a[i]) - statistic(b[i]) for i in index])
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": float(statistic(a) - statistic(b)), "ci95": [float(lo), float(hi)], "n": len(a)}
+
+
+def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:
+    """'win', 'loss' or 'tie' of a against b from `paired_difference`: a win or loss only when the interval
+    excludes 0."""
+    lo, hi = difference["ci95"]
+    if lo > 0 or hi < 0:
+        return "win" if (lo > 0) == higher_is_better else "loss"
+    return "tie"

@@ -21,7 +21,7 @@ from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
 from trinityx.io import write_json
-from trinityx.routing import CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
+from trinityx.routing import HEAD_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 from trinityx.train import TrainConfig
 
 STAGES = ("splits", "experts", "datamix", "reference", "merges", "router", "calibration", "judges", "evaluate",
@@ -29,12 +29,13 @@ STAGES = ("splits", "experts", "datamix", "reference", "merges", "router", "cali
 MERGES = ("linear", "ties", "dare")
 # Router variants: folder name -> the RouterConfig changes that make it (the paper's ablations).
 SYSTEMS = ("base", "expert:helpful", "expert:harmless", "expert:honest", "datamix", "merge:linear", "merge:ties",
-           "merge:dare", "trinityx", "trinityx:no-calibration", "trinityx:no-gl", "trinityx:no-rl", "trinityx:uniform",
-           "trinityx:top1", "trinityx-token")
+           "merge:dare", "trinityx", "trinityx:oracle", "trinityx:no-calibration", "trinityx:no-gl", "trinityx:no-rl",
+           "trinityx:uniform", "trinityx:top1", "trinityx:lm-router", "trinityx-token")
 ROUTERS = {
     "mocae": {},
     "mocae-no-gl": {"gl_weight": 0.0},
     "mocae-no-rl": {"rl_weight": 0.0},
+    "mocae-lm": {"phase": "lm"},
     "mocae-token": {"router": "token"},
 }
 
@@ -73,6 +74,18 @@ class PipelineConfig:
     router_pool_layer: int = -1
     """Hidden state the sequence routers pool (0 embeddings, l after layer l, -1 the last). The routing pass stops
     at this layer, so a middle layer routes at about half the cost of a prefill."""
+    router_pool_layers: tuple[int, ...] = ()
+    """More hidden states the sequence routers read (at or below router_pool_layer: free)."""
+    router_pooling: str = "mean"
+    """Pooling of the prompt tokens for the sequence routers: mean, last or mean+last."""
+    router_head_hidden: int = 0
+    """Width of the sequence routers' MLP head (0 = linear)."""
+    router_head_train: TrainConfig = field(default_factory=lambda: HEAD_TRAIN)
+    """Optimisation of the sequence router heads on cached prompt states (the states phase)."""
+    routing_per_dimension: int | None = 1000
+    """Routing prompts per dimension for the states phase (seeded subset of the routing data; None: all)."""
+    routing_files: tuple[str, ...] = ()
+    """More routing data: JSON or JSON-lines files of {"prompt", "dimension"} rows (never evaluation items)."""
     calibrate_examples: int = 100
     """Held-out prompts per dimension for fitting (dev) and measuring (test) the temperature."""
     systems: tuple[str, ...] = SYSTEMS
@@ -124,6 +137,7 @@ class Run:
         self.dir = Path(cfg.out)
         self.state_file = self.dir / "stages.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.pooled: dict = {}  # routing states of the sequence routers, shared by the router and calibration stages
 
     def done(self, stage: str) -> bool:
         return stage in self.state
@@ -225,30 +239,44 @@ def stage_merges(run: Run, data_dir: Path) -> dict:
     return {"weights": weights, "methods": list(MERGES)}
 
 
+def routers_needed(systems) -> list[str]:
+    """The router folders the run's systems read (`mocae` always: the report's router numbers are its)."""
+    from trinityx.systems import MOCAE_VARIANTS
+
+    needed = {"mocae"} | {MOCAE_VARIANTS[s][0] for s in systems if s in MOCAE_VARIANTS}
+    return [name for name in ROUTERS if name in needed]
+
+
 def stage_router(run: Run, data_dir: Path) -> dict:
     cfg, logs = run.cfg, {}
-    for name, change in ROUTERS.items():
+    for name in routers_needed(cfg.systems):
+        change = ROUTERS[name]
         out = run.dir / name
         if (out / "train_log.json").is_file():
             logs[name] = json.loads((out / "train_log.json").read_text())["router_accuracy_dev"]
             continue
         loss = replace(cfg.router_loss, **{k: v for k, v in change.items() if k.endswith("_weight")})
+        phase = change.get("phase", "states")
         router_cfg = RouterConfig(experts=run.dir / "experts", out=out, backbone=cfg.backbone, data_dir=str(data_dir),
-                                  router=change.get("router", "sequence"), gamma=tuple(_gamma(run)),
-                                  per_dimension=cfg.expert_examples, overwrite=True, loss=loss,
-                                  pool_layer=cfg.router_pool_layer,
-                                  train=replace(cfg.router_train, seed=cfg.seed))
-        logs[name] = fit_router(router_cfg, run.backbone())["router_accuracy_dev"]
+                                  router=change.get("router", "sequence"), gamma=tuple(_gamma(run)), phase=phase,
+                                  per_dimension=cfg.routing_per_dimension if phase == "states" else cfg.expert_examples,
+                                  routing_files=cfg.routing_files, overwrite=True, loss=loss,
+                                  pool_layer=cfg.router_pool_layer, pool_layers=cfg.router_pool_layers,
+                                  pooling=cfg.router_pooling, head_hidden=cfg.router_head_hidden,
+                                  train=replace(cfg.router_train, seed=cfg.seed),
+                                  head_train=replace(cfg.router_head_train, seed=cfg.seed))
+        # A fresh backbone per router (attaching experts changes it in place); the routing states are shared.
+        logs[name] = fit_router(router_cfg, run.backbone(), run.pooled)["router_accuracy_dev"]
     return {"router_accuracy_dev": logs}
 
 
 def stage_calibration(run: Run, data_dir: Path) -> dict:
     reports = {}
-    pooled = {}  # the sequence routers read the same backbone states: one routing pass serves all of them
-    for name in ROUTERS:
+    for name in routers_needed(run.cfg.systems):
         report = calibrate(CalibrateConfig(run=run.dir / name, data_dir=str(data_dir), seed=run.cfg.seed,
                                            fit_examples=run.cfg.calibrate_examples,
-                                           test_examples=run.cfg.calibrate_examples), run.backbone(), pooled)
+                                           test_examples=run.cfg.calibrate_examples,
+                                           routing_files=run.cfg.routing_files), run.backbone(), run.pooled)
         reports[name] = {"temperature": report["temperature"], "ece_before": report["before"]["ece"],
                          "ece_after": report["after"]["ece"]}
     return reports
@@ -363,8 +391,6 @@ def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, d
                  judges_dir, data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
                  answer_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size,
                  cache_dir=run_dir / "generations", config={"stage": "evaluate", "profile": cfg.profile})
-        if spec == "trinityx":
-            write_json(run_dir / "eval" / "routing.json", routing_by_dataset(system, data_dir, cfg.eval_limit))
     finally:
         system.close()
     return time.perf_counter() - start
@@ -419,17 +445,6 @@ def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) 
     return {spec: seconds[spec] for spec in todo}
 
 
-def routing_by_dataset(system, data_dir: Path, limit: int | None) -> dict:
-    """Mean gate of the router per evaluation dataset (what the routing heatmap shows), on the chat-formatted
-    prompts; TruthfulQA by its bare question (its scored answers continue a plain-text QA primer)."""
-    prompts = {
-        "alpaca_eval": [it.instruction for it in data.load_alpaca_eval(data_dir, "eval")[:limit]],
-        "beavertails": [p.prompt for p in data.load_safety_prompts(data_dir)[:limit]],
-        "truthfulqa": [q.question for q in data.load_truthfulqa(data_dir, "test")[:limit]],
-    }
-    return {name: dict(zip(data.DIMENSIONS, system.gates(texts).mean(0).tolist())) for name, texts in prompts.items()}
-
-
 def stage_bench(run: Run, data_dir: Path) -> dict:
     """The inference benchmark on this run's experts (base, trinityx, trinityx-token, peft-multi, dense-moe, xlora)."""
     from trinityx.bench import BenchConfig
@@ -464,13 +479,21 @@ def collect_results(run: Run) -> dict:
                     "length_rule_agreement": validity("helpful", "length_rule_agreement"),
                     "n": validity("helpful", "n"), "split": validity("helpful", "split")},
         "harmless": {"name": judges_info["harm"]["name"], "accuracy": validity("harm", "accuracy"),
+                     "balanced_accuracy": validity("harm", "balanced_accuracy"),
+                     "majority_baseline": validity("harm", "majority_baseline"),
                      "auroc": validity("harm", "auroc"), "threshold": judges_info["harm"]["threshold"],
                      "n": validity("harm", "n"), "split": validity("harm", "split")},
         "truth": {"name": judges_info["truth"]["name"], "accuracy": validity("truth", "accuracy"),
+                  "balanced_accuracy": validity("truth", "balanced_accuracy"),
+                  "majority_baseline": validity("truth", "majority_baseline"),
                   "n": validity("truth", "n"), "split": validity("truth", "split")},
         "info": {"name": judges_info["info"]["name"], "accuracy": validity("info", "accuracy"),
+                 "balanced_accuracy": validity("info", "balanced_accuracy"),
+                 "majority_baseline": validity("info", "majority_baseline"),
                  "n": validity("info", "n"), "split": validity("info", "split")},
     }
+    for kind, judge in judges.items():
+        judge["measurable"] = judge_beats_baseline(judge)
     bench = json.loads((run.dir / "bench_inference.json").read_text())["systems"] \
         if (run.dir / "bench_inference.json").is_file() else {}
     systems = {}
@@ -523,13 +546,20 @@ def collect_results(run: Run) -> dict:
             "safety_score": _pct_change(row["harmless"]["safety_score"], base.get("harmless", {}).get("safety_score")),
             "truth_x_info": _pct_change(row["honest"]["truth_x_info"], base.get("honest", {}).get("truth_x_info")),
         }
-    routing_file = run.dir / "eval" / "routing.json"
+    routing, routing_accuracy = {}, {}
+    if eval_file(run.dir, "trinityx").is_file():  # how trinityx routed each evaluation set's items
+        for axis, record in json.loads(eval_file(run.dir, "trinityx").read_text())["axes"].items():
+            if "routing" in record:
+                name = EVAL_SETS[axis]
+                routing[name] = record["routing"]["mean_gates"]
+                routing_accuracy[name] = {k: v for k, v in record["routing"].items() if k != "mean_gates"}
     return {
         "backbone": cfg.backbone, "profile": cfg.profile, "seed": cfg.seed, "started": meta["started"],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": meta["machine"], "command": meta["command"],
         "stage_seconds": {s: run.state[s]["seconds"] for s in STAGES if s in run.state},
         "judges": judges, "systems": systems, "router": router,
-        "routing": json.loads(routing_file.read_text()) if routing_file.is_file() else {},
+        "routing": routing, "routing_accuracy": routing_accuracy,
+        "paired": paired_results(run),
         "relative_to_base": relative,
         "gamma": json.loads((run.dir / "gamma.json").read_text()),
         "provenance": {
@@ -538,10 +568,51 @@ def collect_results(run: Run) -> dict:
             "harmless": f"BeaverTails-Evaluation, first {cfg.eval_limit} prompts, judged by {judges['harmless']['name']}",
             "honest": f"TruthfulQA test split (by question, seed {data.SPLIT_SEED}), first {cfg.eval_limit} questions; "
                       f"MC1/MC2 by log-likelihood (lm-eval's prompt), answers judged by the truth and info judges",
-            "router": "router trained on the train split mixture; T fitted on dev prompts, measured on test prompts",
+            "router": "router trained on the routing data's train split (prompts labelled by dimension, no "
+                      "evaluation item); T fitted on its dev split, calibration measured on its test split; on the "
+                      "evaluation sets each item is routed by its request (instruction, prompt or question, never "
+                      "the QA primer), accuracy against the set's own dimension",
+            "paired": "paired bootstrap of the per-item difference (same items, same resamples for both "
+                      f"systems, {cfg.bootstrap} resamples, seed {cfg.seed}): a win or loss only when the 95% "
+                      "interval of the difference excludes 0",
             "seed": cfg.seed, "generation": f"greedy, {cfg.max_new_tokens} new tokens ({cfg.answer_tokens} for TruthfulQA)",
         },
     }
+
+
+EVAL_SETS = {"helpful": "alpaca_eval", "harmless": "beavertails", "truthfulqa": "truthfulqa", "honest": "truthfulqa"}
+
+
+def judge_beats_baseline(judge: dict) -> bool | None:
+    """Whether a judge's held-out validity beats its trivial baseline (majority class; for the pairwise helpful
+    judge the length rule); None when the validity does not say. design.md: a score from a judge that does not
+    beat its baseline is not a result."""
+    if judge.get("agreement") is not None and judge.get("length_rule_agreement") is not None:
+        return judge["agreement"] > judge["length_rule_agreement"]
+    if judge.get("accuracy") is not None and judge.get("majority_baseline") is not None:
+        return judge["accuracy"] > judge["majority_baseline"]
+    return None
+
+
+def paired_pairs(systems) -> list[tuple[str, str]]:
+    """The comparisons the report makes: trinityx and the oracle against every other system, and every system
+    against base."""
+    systems = list(systems)
+    pairs = [(a, b) for a in ("trinityx", "trinityx:oracle") if a in systems for b in systems if b != a]
+    pairs += [(a, "base") for a in systems if a != "base" and (a, "base") not in pairs and "base" in systems]
+    return pairs
+
+
+def paired_results(run: Run) -> dict:
+    """{a: {b: {metric: paired difference a - b}}} for `paired_pairs` of the evaluated systems."""
+    from trinityx.evaluate import item_values, paired_comparison
+
+    evaluated = [s for s in run.cfg.systems if _evaluated(eval_file(run.dir, s))]
+    values = {s: item_values(eval_file(run.dir, s)) for s in evaluated}
+    out: dict = {}
+    for a, b in paired_pairs(evaluated):
+        out.setdefault(a, {})[b] = paired_comparison(values[a], values[b], run.cfg.seed, run.cfg.bootstrap)
+    return out
 
 
 def stage_report(run: Run, data_dir: Path) -> dict:

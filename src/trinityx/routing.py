@@ -1,7 +1,15 @@
 """Commands around the MoCaE router: `fit-router`, `calibrate`, `generate`.
 
-The router is trained with the one training loop (`trinityx.train.fit`) on the mixed HHH data; its
-loss is the LM loss plus the router terms of `mocae.objective` (GL, RL, entropy, step KL).
+Two ways to train a sequence router (`--phase`):
+
+- `states` (default): the head reads the frozen backbone's pooled prompt states, which do not depend on the
+  router, so they are computed once and the head trains on them for as many steps as it needs, in seconds,
+  with the router terms of `mocae.objective` (GL, RL, entropy, step KL; no LM term). The prompts are the
+  routing data (`data.load_routing_prompts`): labelled by dimension, no responses, from sources that hold no
+  evaluation item.
+- `lm`: the one training loop (`trinityx.train.fit`) through the whole mixture on the mixed HHH training
+  data, the loss being the LM loss plus the router terms (the paper's objective). Token routers always
+  train this way (their gates read every layer's input, which depends on the gates below).
 """
 
 import json
@@ -14,6 +22,7 @@ from typing import Annotated, Literal
 import torch
 import tyro
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
@@ -25,7 +34,7 @@ from trinityx.mocae.calibration import calibration_report, reliability_diagram
 from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.objective import mean_gate, router_objective
 from trinityx.sft import collate, encode
-from trinityx.train import TrainConfig, fit, lm_loss_sum
+from trinityx.train import TrainConfig, cosine_with_warmup, fit, lm_loss_sum
 
 
 @dataclass
@@ -67,19 +76,51 @@ class RouterConfig:
     pool_layer: int = -1
     """Hidden state the sequence router pools (0 embeddings, l after layer l, -1 the last). The routing pass stops
     at this layer: a middle layer routes at about half the cost of a prefill."""
+    pool_layers: tuple[int, ...] = ()
+    """More hidden states the sequence router reads (pooled like pool_layer's, concatenated); the routing pass
+    stops at the highest layer of pool_layer and these."""
+    pooling: Literal["mean", "last", "mean+last"] = "mean"
+    """Pooling over the prompt tokens: their mean, the last prompt token's state, or both."""
     head_hidden: int = 0
     """Router head MLP width (0 = a linear head)."""
     gamma: tuple[float, ...] | None = None
     """Prior over experts for RL; default uniform (the pipeline passes the reference task-vector gamma)."""
+    phase: Literal["states", "lm"] = "states"
+    """How a sequence router trains: `states` on the frozen backbone's pooled prompt states of the routing data
+    (computed once; seconds), `lm` through the mixture with the LM loss on the HHH training data (the paper's
+    objective; a token router always trains this way)."""
+    routing_sources: tuple[str, ...] = tuple(data.ROUTING_SOURCES)
+    """Built-in routing data (states phase): alpaca, alpaca_eval_judge_train, pku_saferlhf, truthfulqa."""
+    routing_files: tuple[str, ...] = ()
+    """More routing data (states phase): JSON or JSON-lines files of {"prompt", "dimension"} rows."""
     train_experts: bool = False
-    """Also train the experts' LoRA weights jointly with the router."""
+    """Also train the experts' LoRA weights jointly with the router (lm phase)."""
     per_dimension: int | None = 200
-    """Training examples per dimension (seeded subset); None uses all."""
+    """Training examples (lm phase) or routing prompts (states phase) per dimension (seeded subset); None: all."""
     overwrite: bool = False
     """Replace an existing output folder."""
     loss: Annotated[RouterLoss, tyro.conf.OmitArgPrefixes] = field(default_factory=RouterLoss)
     train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes] = field(
         default_factory=lambda: TrainConfig(max_steps=40, lr=2e-3, warmup_steps=4, eval_every=20, dev_examples=48))
+    head_train: TrainConfig = field(default_factory=lambda: HEAD_TRAIN)
+    """The head's optimisation in the states phase (max_steps, batch_size, lr, weight_decay, warmup_steps,
+    max_length of a prompt, seed; eval_every and checkpoints do not apply: a run takes seconds)."""
+
+    def validate(self) -> None:
+        if self.gamma is not None and len(self.gamma) != len(self.dimensions):
+            raise TrinityXError(f"--gamma has {len(self.gamma)} values for {len(self.dimensions)} experts")
+        if self.per_dimension is not None and self.per_dimension < 1:
+            raise TrinityXError(f"--per-dimension must be positive (or omitted for all), got {self.per_dimension}")
+        if self.phase == "states" and self.train_experts:
+            raise TrinityXError("--train-experts needs --phase lm (the states phase trains the router head only)")
+        if self.phase == "states" and self.router == "sequence" and self.loss.lm_weight not in (0.0, 1.0):
+            raise TrinityXError("--lm-weight applies to --phase lm only; the states phase has no LM term")
+        (self.train if self.phase == "lm" or self.router == "token" else self.head_train).validate()
+
+
+HEAD_TRAIN = TrainConfig(max_steps=300, batch_size=96, micro_batch_size=96, lr=3e-3, weight_decay=0.01,
+                         warmup_steps=10, max_length=256, eval_every=300, dev_examples=1, checkpoint_every=0)
+"""Defaults of the states phase: 300 full steps of AdamW on the cached states (a few seconds on a CPU)."""
 
 
 def expert_folders(experts: Path, dimensions) -> list[Path]:
@@ -111,7 +152,8 @@ def router_loss_fn(gamma: torch.Tensor, weights: dict[str, float]):
 
 def build_mocae(backbone: Backbone, folders: list[Path], cfg: RouterConfig) -> MoCaEModel:
     config = MoCaEConfig(expert_names=list(cfg.dimensions), backbone=cfg.backbone, router=cfg.router,
-                         pool_layer=cfg.pool_layer, head_hidden=cfg.head_hidden)
+                         pool_layer=cfg.pool_layer, pool_layers=list(cfg.pool_layers), pooling=cfg.pooling,
+                         head_hidden=cfg.head_hidden)
     return MoCaEModel(backbone.model, folders, config)
 
 
@@ -127,16 +169,20 @@ def save_trained_experts(model: MoCaEModel, folder: Path) -> None:
         save_file(tensors, folder / "experts" / expert / "adapter_model.safetensors")
 
 
-def fit_router(cfg: RouterConfig, backbone: Backbone | None = None) -> dict:
-    """`trinityx fit-router`: train the router (and optionally the experts) and save a MoCaE folder."""
+def fit_router(cfg: RouterConfig, backbone: Backbone | None = None, pooled_cache: dict | None = None) -> dict:
+    """`trinityx fit-router`: train the router (and optionally the experts) and save a MoCaE folder.
+
+    `pooled_cache`: shared by calls that train several sequence routers of one backbone on the same routing
+    data in the states phase (see `pooled_states`)."""
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise TrinityXError(f"--out {out} already exists; pass --overwrite to replace it or choose another folder")
-    if cfg.gamma is not None and len(cfg.gamma) != len(cfg.dimensions):
-        raise TrinityXError(f"--gamma has {len(cfg.gamma)} values for {len(cfg.dimensions)} experts")
+    cfg.validate()
     folders = expert_folders(cfg.experts, cfg.dimensions)
     data_dir = data.resolve_data_dir(cfg.data_dir)
     backbone = backbone or load_backbone(cfg.backbone)
+    if cfg.phase == "states" and cfg.router == "sequence":
+        return fit_router_on_states(cfg, backbone, folders, data_dir, pooled_cache)
     train = data.load_mixture(data_dir, "train", per_dimension=cfg.per_dimension, seed=cfg.train.seed)
     dev = subsample(data.load_mixture(data_dir, "dev"), cfg.train.dev_examples, cfg.train.seed)
     # Gate k serves dimension k: relabel the data's dimension index to the expert order given.
@@ -177,26 +223,148 @@ def fit_router(cfg: RouterConfig, backbone: Backbone | None = None) -> dict:
     return log
 
 
+def routing_set(data_dir: Path, split: str, cfg: RouterConfig, order: dict[str, int],
+                per_dimension: int | None = None) -> tuple[list[str], torch.Tensor, dict]:
+    """(prompts, labels [N], record) of a routing split, at most `per_dimension` per dimension (seeded)."""
+    prompts, record = data.load_routing_prompts(data_dir, split, cfg.routing_sources, cfg.routing_files,
+                                                tuple(order))
+    rng = torch.Generator().manual_seed(cfg.head_train.seed)
+    chosen = []
+    for dimension in order:
+        rows = [p for p in prompts if p.dimension == dimension]
+        if not rows:
+            raise TrinityXError(f"routing split {split!r} has no {dimension!r} prompt (sources {list(cfg.routing_sources)}, "
+                                f"files {list(cfg.routing_files)}); add a source or a file that covers it")
+        if per_dimension is not None and len(rows) > per_dimension:
+            rows = [rows[i] for i in sorted(torch.randperm(len(rows), generator=rng)[:per_dimension].tolist())]
+        chosen += rows
+    record["per_dimension"] = {d: sum(p.dimension == d for p in chosen) for d in order}
+    return [p.prompt for p in chosen], torch.tensor([order[p.dimension] for p in chosen]), record
+
+
+def balanced_batches(labels: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator):
+    """`steps` batches of indices, each dimension drawn equally often (smaller ones are repeated): the head sees
+    a balanced mixture, as the evaluation sets each ask for one dimension, whatever the sources' sizes."""
+    groups = [(labels == k).nonzero().flatten() for k in range(int(labels.max()) + 1)]
+    groups = [g for g in groups if len(g)]
+    for _ in range(steps):
+        picks = [g[torch.randint(len(g), (batch_size // len(groups) + 1,), generator=generator)] for g in groups]
+        yield torch.cat(picks)[torch.randperm(len(groups) * (batch_size // len(groups) + 1), generator=generator)][:batch_size]
+
+
+def fit_head(model: MoCaEModel, states: torch.Tensor, labels: torch.Tensor, gamma: torch.Tensor,
+             weights: dict[str, float], cfg: TrainConfig) -> list[dict]:
+    """Train the sequence router head on cached pooled states [N, F] with the router terms (no LM term).
+
+    Step, schedule, log, in that order: balanced batches, AdamW with warm-up and cosine decay, clipping."""
+    head = model.router
+    head.train()
+    params = [p for p in head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.max_steps))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    log, prev_mean = [], None
+    for step, ids in enumerate(balanced_batches(labels, cfg.batch_size, cfg.max_steps, generator)):
+        logits = head(states[ids])  # [B, K]
+        total, parts = router_objective(None, logits, labels[ids], gamma, {**weights, "lm": 0.0}, prev_mean)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        prev_mean = mean_gate(logits).detach()
+        if step % 25 == 0 or step == cfg.max_steps - 1:
+            accuracy = (logits.argmax(-1) == labels[ids]).float().mean().item()
+            log.append({"step": step + 1, "loss": parts["total"], "router_accuracy": accuracy,
+                        "lr": scheduler.get_last_lr()[0], **{f"loss_{k}": v for k, v in parts.items()}})
+    head.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return log
+
+
+def fit_router_on_states(cfg: RouterConfig, backbone: Backbone, folders: list[Path], data_dir: Path,
+                         pooled_cache: dict | None) -> dict:
+    """The states phase of `fit-router`: routing data -> pooled states (once) -> head -> MoCaE folder."""
+    out = Path(cfg.out)
+    start = time.perf_counter()
+    order = {d: k for k, d in enumerate(cfg.dimensions)}
+    train_prompts, train_labels, train_record = routing_set(data_dir, "train", cfg, order, cfg.per_dimension)
+    dev_prompts, dev_labels, dev_record = routing_set(data_dir, "dev", cfg, order)
+    torch.manual_seed(cfg.head_train.seed)
+    model = build_mocae(backbone, folders, cfg)
+    cache = {} if pooled_cache is None else pooled_cache
+    states = pooled_states(model, backbone, train_prompts, cfg.head_train.max_length, cache=cache,
+                           desc="routing states (train)")
+    dev_states = pooled_states(model, backbone, dev_prompts, cfg.head_train.max_length, cache=cache,
+                               desc="routing states (dev)")
+    states_seconds = time.perf_counter() - start
+    K = len(cfg.dimensions)
+    gamma = torch.tensor(cfg.gamma, dtype=torch.float32) if cfg.gamma else torch.full((K,), 1.0 / K)
+    steps = fit_head(model, states, train_labels, gamma / gamma.sum(), cfg.loss.as_dict(), cfg.head_train)
+    with torch.no_grad():
+        dev_accuracy = (model.router(dev_states).argmax(-1) == dev_labels).float().mean().item()
+        train_accuracy = (model.router(states).argmax(-1) == train_labels).float().mean().item()
+    log = {"phase": "states", "steps": steps, "router_accuracy_dev": dev_accuracy,
+           "router_accuracy_train": train_accuracy, "n_train": len(train_prompts), "n_dev": len(dev_prompts),
+           "routing_data": {"train": train_record, "dev": dev_record},
+           "trainable_parameters": sum(p.numel() for p in model.router.parameters()),
+           "states_seconds": states_seconds, "seconds": time.perf_counter() - start}
+    model.save_pretrained(out)
+    write_json(out / "trinityx_config.json", {"command": "fit-router", **to_jsonable(asdict(cfg)),
+                                               "data_dir": str(data_dir), "gamma": gamma.tolist(),
+                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(out / "train_log.json", log)
+    print(f"router:{cfg.router} (states phase, {len(train_prompts)} routing prompts, {cfg.head_train.max_steps} "
+          f"steps): accuracy train {train_accuracy:.3f}, dev {dev_accuracy:.3f}, {log['seconds']:.0f} s -> {out}")
+    return log
+
+
+def prompt_batches(backbone: Backbone, prompts: list[str], max_length: int, batch_size: int):
+    """(input_ids, attention_mask, prompt_mask) of left-padded batches of prompts in the backbone's format."""
+    for s in range(0, len(prompts), batch_size):
+        enc = [encode(backbone.tokenizer, backbone.prompt_format, p, None, max_length) for p in prompts[s:s + batch_size]]
+        batch = collate(enc, backbone.tokenizer.pad_token_id, padding_side="left")
+        yield batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
+
+
+@torch.no_grad()
+def pooled_states(model: MoCaEModel, backbone: Backbone, prompts: list[str], max_length: int, batch_size: int = 16,
+                  cache: dict | None = None, desc: str | None = None) -> torch.Tensor:
+    """What the sequence router head reads of each prompt [N, F], computed once per (pooling, prompts) in `cache`.
+
+    The states depend on the backbone, the pooling config and the tokens only, never on the head: routers that
+    share those share one pass. Prompts are batched by length (little padding) and returned in order."""
+    c = model.config
+    key = (c.pool_layer, tuple(c.pool_layers), c.pooling, c.normalize_hidden, max_length, tuple(prompts))
+    if cache is not None and key in cache:
+        return cache[key]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    parts = []
+    with tqdm(total=len(prompts), desc=desc or "routing states", unit="prompt", disable=len(prompts) < 64) as bar:
+        for batch in prompt_batches(backbone, [prompts[i] for i in order], max_length, batch_size):
+            parts.append(model.pooled_prompt(*batch))  # [b, F]
+            bar.update(len(batch[0]))
+    states = torch.cat(parts)[torch.argsort(torch.tensor(order))]  # [N, F], back in the prompts' order
+    if cache is not None:
+        cache[key] = states
+    return states
+
+
 @torch.no_grad()
 def prompt_gate_logits(model: MoCaEModel, backbone: Backbone, prompts: list[str], max_length: int,
                        batch_size: int = 16, pooled_cache: dict | None = None) -> torch.Tensor:
     """Router logits [N, K] of prompts alone (what the router sees at inference).
 
     `pooled_cache`: a dict shared by calls that score several sequence routers of one backbone on the same
-    prompts; each distinct (pool layer, normalisation, prompts) routing pass then runs once."""
-    def batches():
-        for s in range(0, len(prompts), batch_size):
-            enc = [encode(backbone.tokenizer, backbone.prompt_format, p, None, max_length)
-                   for p in prompts[s:s + batch_size]]
-            batch = collate(enc, backbone.tokenizer.pad_token_id, padding_side="left")
-            yield batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
-
-    if model.config.router != "sequence" or pooled_cache is None:
-        return torch.cat([model.route(*batch) for batch in batches()])  # [N, K]
-    key = (model.config.pool_layer, model.config.normalize_hidden, max_length, batch_size, tuple(prompts))
-    if key not in pooled_cache:
-        pooled_cache[key] = torch.cat([model.pooled_prompt(*batch) for batch in batches()])  # [N, D]
-    return model.router(pooled_cache[key])  # [N, K]
+    prompts; each distinct (pooling, prompts) routing pass then runs once."""
+    if model.config.router != "sequence":
+        return torch.cat([model.route(*batch) for batch in prompt_batches(backbone, prompts, max_length, batch_size)])
+    return model.router(pooled_states(model, backbone, prompts, max_length, batch_size, pooled_cache))  # [N, K]
 
 
 def labelled_prompts(examples: list[data.SFTExample], order: dict[str, int]) -> tuple[list[str], torch.Tensor]:
@@ -224,9 +392,13 @@ class CalibrateConfig:
     backbone: str | None = None
     """Backbone (default: the one in the folder's mocae_config.json)."""
     fit_examples: int = 150
-    """Dev-split prompts per dimension used to fit T."""
+    """Routing dev-split prompts per dimension used to fit T (fewer when a dimension has fewer)."""
     test_examples: int = 150
-    """Test-split prompts per dimension used to measure calibration before and after."""
+    """Routing test-split prompts per dimension used to measure calibration before and after."""
+    routing_sources: tuple[str, ...] = tuple(data.ROUTING_SOURCES)
+    """Built-in routing data whose dev and test splits are used (as in `fit-router`)."""
+    routing_files: tuple[str, ...] = ()
+    """More routing data: JSON or JSON-lines files of {"prompt", "dimension"} rows (as in `fit-router`)."""
     no_calibration: bool = False
     """Ablation: keep T = 1 (no fit); the metrics are still measured."""
     max_length: int = 256
@@ -251,7 +423,8 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     order = {d: k for k, d in enumerate(model.config.expert_dims)}
     sets = {}
     for split, n in (("dev", cfg.fit_examples), ("test", cfg.test_examples)):
-        prompts, labels = labelled_prompts(data.load_mixture(data_dir, split, per_dimension=None), order)
+        rows, _ = data.load_routing_prompts(data_dir, split, cfg.routing_sources, cfg.routing_files, tuple(order))
+        prompts, labels = [r.prompt for r in rows], torch.tensor([order[r.dimension] for r in rows])
         chosen = []
         for k in range(len(order)):  # a balanced subset: n prompts per dimension
             idx = (labels == k).nonzero().flatten()
@@ -263,7 +436,8 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     if cfg.no_calibration:
         report["temperature"] = 1.0
         report["after"] = report["before"]
-    report.update({"no_calibration": cfg.no_calibration, "fit_split": "dev", "measure_split": "test",
+    report.update({"no_calibration": cfg.no_calibration, "fit_split": "routing dev", "measure_split": "routing test",
+                   "routing_sources": list(cfg.routing_sources), "routing_files": list(cfg.routing_files),
                    "dimensions": model.config.expert_dims, "seed": cfg.seed, "data_dir": str(data_dir)})
     T = report["temperature"]
     logits_test, labels_test = sets["test"]

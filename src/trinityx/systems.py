@@ -9,7 +9,10 @@
     trinityx:no-gl|no-rl        RUN/mocae-no-gl/, RUN/mocae-no-rl/
     trinityx:uniform|top1       RUN/mocae/ with that gate_mode
     trinityx:weights=1,1,-0.5   RUN/mocae/ with fixed user weights (negative negates an expert)
+    trinityx:oracle             RUN/mocae/ with gates one-hot on the evaluation set's own dimension (a
+                                diagnostic: what a perfect router reaches with these experts)
     trinityx-token              RUN/mocae-token/              (token router)
+    trinityx:lm-router          RUN/mocae-lm/                 (sequence router trained by the LM-loss loop)
 
 A `System` wraps one backbone (loaded once and shared): PEFT adapters are injected into it and removed by
 `close()`, MoCaE experts are attached and detached the same way, so the next system starts from the bare
@@ -44,6 +47,8 @@ MOCAE_VARIANTS: dict[str, tuple[str, dict]] = {
     "trinityx:uniform": ("mocae", {"gate_mode": "uniform"}),
     "trinityx:top1": ("mocae", {"gate_mode": "top1"}),
     "trinityx-token": ("mocae-token", {}),
+    "trinityx:oracle": ("mocae", {"oracle": True}),
+    "trinityx:lm-router": ("mocae-lm", {}),
 }
 # Which command writes each folder of a run (named in the error when a folder is missing).
 CREATED_BY = {
@@ -54,10 +59,11 @@ CREATED_BY = {
     "mocae-no-gl": "the pipeline's ablation stage (`trinityx run --config CONFIG --out RUN`)",
     "mocae-no-rl": "the pipeline's ablation stage (`trinityx run --config CONFIG --out RUN`)",
     "mocae-token": "the pipeline's token-router stage (`trinityx run --config CONFIG --out RUN`)",
+    "mocae-lm": "the pipeline's router stage when a system needs it (`trinityx run --config CONFIG --out RUN`)",
 }
 SPECS_HELP = ("base, expert:<dim>, datamix, merge:linear|ties|dare, trinityx, trinityx:no-calibration, "
               "trinityx:no-gl, trinityx:no-rl, trinityx:uniform, trinityx:top1, trinityx-token, "
-              "trinityx:weights=w1,w2,...")
+              "trinityx:oracle, trinityx:lm-router, trinityx:weights=w1,w2,...")
 
 
 def _sha256_files(files: list[Path], root: Path) -> str:
@@ -97,6 +103,8 @@ class System:
     """sha256 of the backbone identity, the adapter/MoCaE files and the gating overrides."""
     details: dict = field(default_factory=dict)
     """JSON-able description for results files (spec, folder, gating)."""
+    oracle: bool = False
+    """Route every item to its evaluation set's own dimension (one-hot gates) instead of by the router."""
 
     @property
     def mocae(self) -> MoCaEModel | None:
@@ -132,23 +140,47 @@ class System:
                 for m in self.mocae.mixtures:
                     m.clear()
 
-    def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
-        """HF `generate` on a left-padded batch [B, T] -> [B, T + new]."""
+    def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, gates: Tensor | None = None,
+                     **kwargs) -> Tensor:
+        """HF `generate` on a left-padded batch [B, T] -> [B, T + new]; `gates` [B, K] routed by the caller."""
+        if gates is not None:
+            return self.mocae.generate(input_ids, attention_mask, gates=gates, **kwargs)
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.inference_mode()
+    def request_gates(self, requests: list[str], dimension: str, batch_size: int = 16) -> Tensor | None:
+        """Sequence gates [N, K] of evaluation items, routed from each item's request as the user wrote it (the
+        instruction, the prompt, the question; never a few-shot primer), in the backbone's prompt format.
+
+        The oracle's gates are one-hot on `dimension`, the evaluation set's own. None for systems without a
+        sequence router (base, adapters, token routing: it routes each token inside the forward pass)."""
+        if self.mocae is None or self.mocae.config.router != "sequence":
+            return None
+        if self.oracle:
+            dims = self.mocae.config.expert_dims
+            if dimension not in dims:
+                raise TrinityXError(f"system {self.name!r}: no expert serves {dimension!r} (experts: {dims}), so "
+                                    "the oracle has no gate for it")
+            return nn.functional.one_hot(torch.full((len(requests),), dims.index(dimension)), len(dims)).float()
+        return torch.cat([self.gates(requests[s:s + batch_size]) for s in range(0, len(requests), batch_size)])
 
     # --- what evaluation calls -------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str], settings=None, cache_dir: str | Path | None = None) -> list[str]:
-        """Greedy (by default) answers, prompts in the backbone's prompt format (unless settings.raw), cached."""
+    def generate(self, prompts: list[str], settings=None, cache_dir: str | Path | None = None,
+                 gates: Tensor | None = None) -> list[str]:
+        """Greedy (by default) answers, prompts in the backbone's prompt format (unless settings.raw), cached;
+        `gates` [N, K] from `request_gates` (None: the system routes each prompt as given)."""
         from trinityx.generation import GenerationSettings, generate
 
-        return generate(self, prompts, settings or GenerationSettings(), cache_dir)
+        return generate(self, prompts, settings or GenerationSettings(), cache_dir, gates=gates)
 
-    def loglikelihoods(self, contexts: list[str], continuations: list[str], batch_size: int = 32) -> list[float]:
-        """Summed log P(continuation | context) per pair, tokenised as lm-evaluation-harness does."""
+    def loglikelihoods(self, contexts: list[str], continuations: list[str], batch_size: int = 32,
+                       gates: Tensor | None = None) -> list[float]:
+        """Summed log P(continuation | context) per pair, tokenised as lm-evaluation-harness does; `gates` [N, K]
+        one row per pair, as in `generate`."""
         from trinityx.generation import loglikelihoods
 
-        return loglikelihoods(self, contexts, continuations, batch_size)
+        return loglikelihoods(self, contexts, continuations, batch_size, gates=gates)
 
     @torch.inference_mode()
     def gates(self, prompts: list[str]) -> Tensor:
@@ -264,11 +296,11 @@ def load_system(spec: str, run_dir: str | Path | None = None, backbone: str | Ba
         digest.update(_sha256_files(files, folder).encode())
         model = MoCaEModel.from_pretrained(folder, backbone_model=backbone.model)
         try:
-            model.set_gating(**gating)
+            model.set_gating(**{k: v for k, v in gating.items() if k != "oracle"})
         except TrinityXError as e:
             detach_experts(model)  # leave the shared backbone bare
             raise TrinityXError(f"system {spec!r}: {e}") from None
     digest.update(json.dumps(gating, sort_keys=True).encode())
     details = {"spec": spec, "kind": kind, "folder": str(folder) if folder else None, "gating": gating,
                "backbone": backbone.name}
-    return System(spec, backbone, model, folder, digest.hexdigest(), details)
+    return System(spec, backbone, model, folder, digest.hexdigest(), details, oracle=gating.get("oracle", False))

@@ -74,13 +74,19 @@ def sampling_params(settings):
 
 
 @torch.inference_mode()
-def gate_groups(system, token_ids: list[list[int]], decimals: int) -> dict[tuple[float, ...], list[int]]:
-    """Prompts grouped by their router gates rounded to `decimals` (sequence routers only)."""
+def gate_groups(system, token_ids: list[list[int]], decimals: int,
+                gates: torch.Tensor | None = None) -> dict[tuple[float, ...], list[int]]:
+    """Prompts grouped by their gates rounded to `decimals` (sequence routers only): the caller's gates [N, K]
+    when given, else the router's on the prompts."""
     mocae = system.mocae
     if mocae.config.router != "sequence":
         raise TrinityXError(f"system {system.name!r} routes per token inside the forward pass, which vLLM cannot "
                             "run; use --backend hf (or export a fixed mixture with `trinityx export --format merged`)")
     groups: dict[tuple[float, ...], list[int]] = {}
+    if gates is not None:
+        for i, g in enumerate(gates.tolist()):
+            groups.setdefault(tuple(round(x, decimals) for x in g), []).append(i)
+        return groups
     for start in range(0, len(token_ids), 16):
         batch = system.tokenizer.pad({"input_ids": token_ids[start:start + 16]}, padding_side="left",
                                      return_tensors="pt").to(mocae.backbone.device)  # [B, T], left-padded
@@ -90,8 +96,9 @@ def gate_groups(system, token_ids: list[list[int]], decimals: int) -> dict[tuple
     return groups
 
 
-def generate(system, token_ids: list[list[int]], settings) -> list[str]:
-    """Raw answers (before `cut_at_stop`) of prompts given as token ids, through vLLM."""
+def generate(system, token_ids: list[list[int]], settings, gates: torch.Tensor | None = None) -> list[str]:
+    """Raw answers (before `cut_at_stop`) of prompts given as token ids, through vLLM; `gates` [N, K] as in
+    `gate_groups`."""
     from trinityx.taskvectors import merge
 
     _, LoRARequest = import_vllm()
@@ -101,9 +108,9 @@ def generate(system, token_ids: list[list[int]], settings) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="trinityx-vllm-") as tmp:
         if system.mocae is not None:
             assignment, ranks = [None] * len(prompts), []
-            for n, (gates, indices) in enumerate(gate_groups(system, token_ids, settings.gate_decimals).items()):
+            for n, (mix, indices) in enumerate(gate_groups(system, token_ids, settings.gate_decimals, gates).items()):
                 # The exact mixture of the experts at these gates, as one LoRA of rank K*R.
-                folder = merge(system.mocae.adapter_dirs, list(gates), "linear", Path(tmp) / f"mix{n}")
+                folder = merge(system.mocae.adapter_dirs, list(mix), "linear", Path(tmp) / f"mix{n}")
                 ranks.append(lora_rank(folder))
                 for i in indices:
                     assignment[i] = LoRARequest(f"{system.name}-mix{n}", n + 1, str(folder))

@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
 from trinityx.mocae.layer import MixtureLinear
-from trinityx.mocae.router import GATE_MODES, SequenceRouter, TokenRouter, gates_from_logits, pool_prompt
+from trinityx.mocae.router import (GATE_MODES, SequenceRouter, TokenRouter, gates_from_logits, last_prompt_token,
+                                   pool_prompt)
 
 ROUTERS = ("sequence", "token")
+POOLINGS = ("mean", "last", "mean+last")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PEFT_PREFIX = "base_model.model."  # PEFT saves keys as base_model.model.<module>.lora_{A,B}.weight
 
@@ -46,6 +48,13 @@ class MoCaEConfig:
     """Routing granularity: `sequence` (one gate per prompt, foldable) or `token` (per token and layer)."""
     pool_layer: int = -1
     """Hidden state the sequence router pools: index into hidden_states (0 embeddings, -1 last layer)."""
+    pool_layers: list[int] = field(default_factory=list)
+    """More hidden states the sequence router reads, each pooled like pool_layer's and concatenated after it.
+    Layers below pool_layer cost nothing more (the routing pass runs up to pool_layer anyway); the pass stops at
+    the highest layer listed. Empty: pool_layer only."""
+    pooling: str = "mean"
+    """How a hidden state is pooled over the prompt tokens: `mean`, `last` (the last prompt token, which has
+    attended to the whole request) or `mean+last` (both, concatenated)."""
     head_hidden: int = 0
     """Hidden width of the router head's MLP; 0 for a linear head."""
     normalize_hidden: bool = True
@@ -75,6 +84,8 @@ class MoCaEConfig:
             raise TrinityXError(f"gate_mode={self.gate_mode!r} is not one of {GATE_MODES}")
         if not self.temperature > 0:
             raise TrinityXError(f"temperature={self.temperature} must be > 0")
+        if self.pooling not in POOLINGS:
+            raise TrinityXError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         if self.head_hidden < 0:
             raise TrinityXError(f"head_hidden={self.head_hidden} must be >= 0 (0 = linear head)")
         if self.gate_mode == "fixed" and len(self.fixed_weights) != K:
@@ -85,6 +96,15 @@ class MoCaEConfig:
     @property
     def n_experts(self) -> int:
         return len(self.expert_names)
+
+    @property
+    def router_layers(self) -> list[int]:
+        """The hidden states a sequence router reads, pool_layer first."""
+        return [self.pool_layer, *self.pool_layers]
+
+    def router_features(self, d_model: int) -> int:
+        """Width F of what a sequence router head reads: D per pooled state, per layer."""
+        return d_model * len(self.router_layers) * (2 if self.pooling == "mean+last" else 1)
 
 
 @dataclass
@@ -228,7 +248,7 @@ class MoCaEModel(nn.Module):
         d_model = self.backbone.get_input_embeddings().embedding_dim
         K = config.n_experts
         if config.router == "sequence":
-            self.router = SequenceRouter(d_model, K, config.head_hidden)
+            self.router = SequenceRouter(config.router_features(d_model), K, config.head_hidden)
         else:
             layers = decoder_layers(self.backbone, names)
             self.router = TokenRouter(d_model, K, list(layers), config.head_hidden)
@@ -289,7 +309,14 @@ class MoCaEModel(nn.Module):
         depends only on the backbone, `pool_layer`, `normalize_hidden` and the tokens: routers that share those
         can share it (calibration scores the pipeline's three sequence routers with one pass)."""
         mask = attention_mask if prompt_mask is None else prompt_mask * attention_mask  # [B, T]
-        return pool_prompt(self.router_input(self.pooled_hidden(input_ids, attention_mask)), mask)
+        pooled = []
+        for hidden in self.hidden_states_at(input_ids, attention_mask, self.config.router_layers):
+            hidden = self.router_input(hidden)  # [B, T, D]
+            if self.config.pooling in ("mean", "mean+last"):
+                pooled.append(pool_prompt(hidden, mask))  # [B, D]
+            if self.config.pooling in ("last", "mean+last"):
+                pooled.append(last_prompt_token(hidden, mask))  # [B, D]
+        return torch.cat(pooled, -1)  # [B, F]
 
     def router_input(self, hidden: Tensor) -> Tensor:
         """What a router head reads of a hidden state [B, T, D]: RMS-normalised per token if configured."""
@@ -299,33 +326,43 @@ class MoCaEModel(nn.Module):
         return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
 
     def pooled_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """hidden_states[pool_layer] of the bare backbone [B, T, D], computing no layer above pool_layer.
+        """hidden_states[pool_layer] of the bare backbone [B, T, D], computing no layer above pool_layer."""
+        return self.hidden_states_at(input_ids, attention_mask, [self.config.pool_layer])[0]
 
-        An intermediate layer's output is caught by a hook on that layer, which then stops the forward pass
-        (the layers above it would cost as much as they do in the prefill: a router pooled at the middle layer
-        routes at half the price). The last layer (pool_layer -1 or L) is the final normed state: a full pass.
+    def hidden_states_at(self, input_ids: Tensor, attention_mask: Tensor, layers: list[int]) -> list[Tensor]:
+        """hidden_states[l] of the bare backbone [B, T, D] for each l in `layers`, computing no layer above them.
+
+        An intermediate layer's output is caught by a hook on that layer; the hook of the highest one then stops
+        the forward pass (the layers above would cost as much as they do in the prefill: a router pooled at the
+        middle layer routes at half the price). The last layer (-1 or L) is the final normed state: a full pass.
         """
         decoder = self.backbone.get_decoder()
         n_layers = len(decoder.layers)
-        layer = self.config.pool_layer % (n_layers + 1)  # hidden_states has L + 1 entries: embeddings, layers
+        wanted = [layer % (n_layers + 1) for layer in layers]  # hidden_states has L + 1 entries: embeddings, layers
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                       use_cache=False)
-        if layer in (0, n_layers):
-            return decoder(**kwargs, output_hidden_states=True).hidden_states[layer]
+        if n_layers in wanted or 0 in wanted:  # the embeddings as the model scales them, or the final normed state
+            hidden = decoder(**kwargs, output_hidden_states=True).hidden_states
+            return [hidden[layer] for layer in wanted]
         caught = {}
+        top = max(wanted)
 
-        def catch(module, args, output):
-            caught["hidden"] = output[0] if isinstance(output, tuple) else output
-            raise _PoolLayerReached
+        def catcher(layer: int):
+            def catch(module, args, output):
+                caught[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == top:
+                    raise _PoolLayerReached
+            return catch
 
-        handle = decoder.layers[layer - 1].register_forward_hook(catch)
+        handles = [decoder.layers[layer - 1].register_forward_hook(catcher(layer)) for layer in set(wanted)]
         try:
             decoder(**kwargs)
         except _PoolLayerReached:
             pass
         finally:
-            handle.remove()
-        return caught["hidden"]
+            for handle in handles:
+                handle.remove()
+        return [caught[layer] for layer in wanted]
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None, labels: Tensor | None = None
@@ -347,15 +384,17 @@ class MoCaEModel(nn.Module):
         return MoCaEOutput(loss=out.loss, logits=out.logits, gate_logits=gate_logits, gates=self.gates(layer_logits))
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
-        """HF `generate` on a left-padded batch. Sequence routing: gates from the prompt once, folded per row."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, gates: Tensor | None = None, **kwargs) -> Tensor:
+        """HF `generate` on a left-padded batch. Sequence routing: gates from the prompt once (or the given
+        gates [B, K]), folded per row."""
         if self.config.router == "token":
             # Each step's new tokens pass through the decoder layers, whose hooks route them.
             out = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             for m in self.mixtures:
                 m.clear()
             return out
-        gates = self.gates(self.route(input_ids, attention_mask))  # [B, K]
+        if gates is None:
+            gates = self.gates(self.route(input_ids, attention_mask))  # [B, K]
         # HF expands each row num_beams * num_return_sequences times, consecutively.
         gates = gates.repeat_interleave(kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1), dim=0)
         with self.apply_gates(gates, fold=True):

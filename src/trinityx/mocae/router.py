@@ -44,6 +44,15 @@ def pool_prompt(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / count  # [B, D]
 
 
+def last_prompt_token(hidden: Tensor, mask: Tensor) -> Tensor:
+    """hidden [B, T, D] at each row's last position where mask [B, T] is 1 -> [B, D] (left or right padding)."""
+    if (mask.sum(1) == 0).any():
+        raise ValueError("a row has no prompt tokens to pool: check prompt_mask / attention_mask")
+    position = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    last = (mask.long() * (position + 1)).argmax(1)  # [B]: the largest position with mask 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 def gates_from_logits(
     logits: Tensor, mode: str = "learned", temperature: float = 1.0, fixed_weights: Tensor | None = None
 ) -> Tensor:
