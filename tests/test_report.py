@@ -147,3 +147,28 @@ def test_systems_whose_markers_coincide_share_one_label():
     points = [("a", 0, 0), ("b", 0, 0), ("c", 5, 0), ("d", 50, 50)]
     xy = [(0.0, 0.0), (3.0, 2.0), (20.0, 0.0), (100.0, 100.0)]  # pixels: b is 3 px from a, c 20 px
     assert coinciding(points, xy) == [[0, 1], [2], [3]]
+
+
+def test_paired_verdicts_replace_interval_overlap_and_unmeasurable_judges_are_marked(tmp_path):
+    def edit(results):
+        ours = results["systems"]["trinityx"]["helpful"]["win_rate"]
+        base = results["systems"]["base"]["helpful"]["win_rate"]
+        # Marginal intervals would call this a tie or not; the paired interval excludes 0: a win.
+        results["paired"] = {"trinityx": {"base": {
+            "win_rate": {"difference": ours - base, "ci95": [0.5, 2.5], "n": 40, "verdict": "win"},
+            "mc1": {"difference": -1.0, "ci95": [-3.0, -0.2], "n": 40, "verdict": "loss"}}},
+            "expert:honest": {"base": {"mc1": {"difference": 4.0, "ci95": [1.0, 7.0], "n": 40, "verdict": "win"}}}}
+        results["judges"]["harmless"].update({"accuracy": 0.6, "majority_baseline": 0.66, "measurable": False})
+        results["routing_accuracy"] = {"alpaca_eval": {"dimension": "helpful", "n": 8, "accuracy": 0.75,
+                                                       "argmax_counts": {"helpful": 6, "harmless": 1, "honest": 1}}}
+
+    md, _ = render_report(make_run(tmp_path / "run", edit))
+    md = md.read_text()
+    assert "wins against `base`" in next(l for l in md.splitlines() if l.startswith("- **Win rate**"))
+    assert "paired difference" in md
+    assert "not measurable" in next(l for l in md.splitlines() if l.startswith("- **Safety score**"))
+    assert row(md, "base")[2].startswith("n/m (")  # the safety score column of the main table
+    assert "+4.0 [+1.0, +7.0] **win**" in md  # expert:honest beats base on MC1
+    assert "does not beat its baseline" in md
+    routed = next(l for l in md.splitlines() if l.startswith("| `alpaca_eval`") and "0.750" in l)
+    assert "6 / 1 / 1" in routed

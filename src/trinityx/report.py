@@ -1,8 +1,10 @@
 """`trinityx report`: rebuild RUN/report.md, RUN/report.html and RUN/figures/*.png from RUN/results.json alone.
 
 Every number is printed with its 95% interval and with where it comes from (data split, judge and the judge's
-own validity, seed, n). Comparisons are honest: when either value lies inside the other's 95% interval the
-difference is called a tie, whichever way it points. The HTML file is self-contained (inline CSS, figures as
+own validity, seed, n). Comparisons are honest: two systems on the same items are compared by the paired
+bootstrap of results.json `paired` (a win or a loss only when the 95% interval of the per-item difference
+excludes 0); a run without it falls back to "tie when either value lies inside the other's interval". A metric
+whose judge does not beat its trivial baseline (`judges.*.measurable` false) is printed as not measurable. The HTML file is self-contained (inline CSS, figures as
 base64 PNG data URIs), so it can be mailed or archived without the run folder.
 
 Conventions of results.json read here: rates are percentages 0-100; `helpful.ci95` is the win rate's interval
@@ -38,8 +40,10 @@ OURS = "trinityx"
 BASE = "base"
 BASELINES = ("expert:helpful", "expert:harmless", "expert:honest", "datamix", "merge:linear", "merge:ties",
              "merge:dare")
-MAIN_SYSTEMS = (BASE, *BASELINES, OURS)
+ORACLE = "trinityx:oracle"
+MAIN_SYSTEMS = (BASE, *BASELINES, OURS, ORACLE)
 ABLATIONS = ("trinityx:no-calibration", "trinityx:no-gl", "trinityx:no-rl", "trinityx:uniform", "trinityx:top1",
+             "trinityx:lm-router",
              "trinityx-token")
 EFFICIENCY_ONLY = ("dense-moe", "xlora", "peft-multi")
 SYSTEM_ORDER = (*MAIN_SYSTEMS, *ABLATIONS, *EFFICIENCY_ONLY)
@@ -102,6 +106,43 @@ def measure(results: dict, system: str, col: Column) -> tuple[float, tuple[float
         lo, hi = axis["ci95"]  # the safety score's interval, mirrored
         ci = (100.0 - hi, 100.0 - lo)
     return float(value), None if ci is None else (float(ci[0]), float(ci[1]))
+
+
+# The judges behind each judged metric (results.json `judges` keys); MC1 and MC2 need none.
+JUDGES_OF_METRIC = {"win_rate": ("helpful",), "lc_win_rate": ("helpful",), "safety_score": ("harmless",),
+                    "unsafe_rate": ("harmless",), "truthful": ("truth",), "informative": ("info",),
+                    "truth_x_info": ("truth", "info")}
+NOT_MEASURABLE = "n/m"
+
+
+def unmeasurable_judges(results: dict, metric: str) -> list[str]:
+    """The judges of `metric` that do not beat their trivial baseline (results.json `judges.*.measurable`)."""
+    judges = results.get("judges") or {}
+    return [k for k in JUDGES_OF_METRIC.get(metric, ()) if (judges.get(k) or {}).get("measurable") is False]
+
+
+def paired(results: dict, a: str, b: str, metric: str) -> dict | None:
+    """results.json `paired` difference a - b on `metric` (or b - a, negated), or None."""
+    table = results.get("paired") or {}
+    d = ((table.get(a) or {}).get(b) or {}).get(metric)
+    if d is not None:
+        return d
+    d = ((table.get(b) or {}).get(a) or {}).get(metric)
+    if d is None:
+        return None
+    flip = {"win": "loss", "loss": "win", "tie": "tie"}
+    return {"difference": -d["difference"], "ci95": [-d["ci95"][1], -d["ci95"][0]], "n": d["n"],
+            "verdict": flip[d["verdict"]]}
+
+
+def verdict(results: dict, a: str, b: str, col: "Column") -> str | None:
+    """'win', 'tie' or 'loss' of system a against b on `col`: the paired test when results.json has it, else the
+    overlap of the marginal intervals; None when either number is missing."""
+    d = paired(results, a, b, col.metric)
+    if d is not None:
+        return d["verdict"]
+    ma, mb = measure(results, a, col), measure(results, b, col)
+    return None if ma is None or mb is None else compare(ma, mb, col.higher_is_better)
 
 
 def compare(ours, other, higher_is_better: bool = True) -> str:
@@ -178,6 +219,13 @@ def fmt_measure(m, bold: bool = False) -> str:
     return value if m[1] is None else f"{value} [{m[1][0]:.1f}, {m[1][1]:.1f}]"
 
 
+def fmt_paired(d) -> str:
+    """"; paired difference +1.2 [0.3, 2.0]" of a `paired` entry, or "" when there is none."""
+    if d is None:
+        return ""
+    return f"; paired difference {d['difference']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+
+
 def fmt_gain(g) -> str:
     return DASH if g is None else f"{g:+.1f}%"
 
@@ -225,14 +273,18 @@ def axis_sentence(results: dict, col: Column) -> str:
     if ours is None:
         return head + "no `trinityx` result, so no comparison."
     clauses = []
+    if unmeasurable_judges(results, col.metric):
+        return head + (f"not measurable: its judge ({', '.join(unmeasurable_judges(results, col.metric))}) does not "
+                       "beat its trivial baseline, so the numbers say nothing about the systems.")
     base = measure(results, BASE, col)
     if base is not None:
-        clauses.append(f"{VERDICT[compare(ours, base, col.higher_is_better)]} `base` ({fmt_measure(base)})")
+        clauses.append(f"{VERDICT[verdict(results, OURS, BASE, col)]} `base` ({fmt_measure(base)}"
+                       f"{fmt_paired(paired(results, OURS, BASE, col.metric))})")
     best = best_of(results, baselines(results), col)
     if best is not None:
         name, m = best
-        clauses.append(f"{VERDICT[compare(ours, m, col.higher_is_better)]} the best baseline, `{name}` "
-                       f"({fmt_measure(m)})")
+        clauses.append(f"{VERDICT[verdict(results, OURS, name, col)]} the best baseline, `{name}` "
+                       f"({fmt_measure(m)}{fmt_paired(paired(results, OURS, name, col.metric))})")
     text = head + f"`trinityx` {fmt_measure(ours)}"
     text += (" " + " and ".join(clauses) + ".") if clauses else "."
     missing = [what for what, m in (("`base`", base), ("any baseline", best)) if m is None]
@@ -535,9 +587,12 @@ def metric_table(results: dict, systems: list[str], columns, reference: str, ver
         cells = [f"**{s}** (ours)" if s == OURS else code(s)]
         for col in columns:
             m = measure(results, s, col)
+            if m is not None and unmeasurable_judges(results, col.metric):
+                cells.append(f"{NOT_MEASURABLE} ({m[0]:.1f})")
+                continue
             cell = fmt_measure(m, bold=m is not None and m[0] == best[col.metric])
             if m is not None and s != reference and ref[col.metric] is not None:
-                word = verdict_words.get(compare(ref[col.metric], m, col.higher_is_better))
+                word = verdict_words.get(verdict(results, reference, s, col))
                 cell += f" ({word})" if word else ""
             cells.append(cell)
         rows.append(cells)
@@ -553,8 +608,11 @@ def main_blocks(results: dict) -> list:
         row.append(" / ".join(ns))
     header = ["System", *[c.label + (" ↓" if not c.higher_is_better else "") for c in COLUMNS],
               "n (help / harm / MC / gen)"]
-    note = ("**Bold**: best in the column. (tie): `trinityx`'s value lies inside this system's 95% interval or "
-            "this system's value inside `trinityx`'s, so the difference is not called a win or a loss. "
+    note = ("**Bold**: best in the column. (tie): the paired bootstrap 95% interval of `trinityx` minus this "
+            "system on the same items contains 0, so the difference is not called a win or a loss. "
+            f"{NOT_MEASURABLE} (value): the metric's judge does not beat its trivial baseline (see Judge validity), "
+            "so the value is shown only for the record. `trinityx:oracle` routes every item to its evaluation set's "
+            "own expert: the ceiling a perfect router reaches with these experts. "
             "↓: lower is better. —: not in results.json. " + source_note(results, systems, ("helpful", "harmless", "honest")))
     blocks = [("h", 2, "Main results"),
               ("p", "Percentages with 95% intervals in brackets.")]
@@ -572,8 +630,10 @@ def gains_blocks(results: dict) -> list:
         best = best_of(results, baselines(results), col)
         vs_base = None if ours is None or base is None else relative_gain(ours[0], base[0])
         vs_best = None if ours is None or best is None else relative_gain(ours[0], best[1][0])
-        verdict_base = "" if vs_base is None else f" ({compare(ours, base, col.higher_is_better)})"
-        verdict_best = "" if vs_best is None else f" ({compare(ours, best[1], col.higher_is_better)})"
+        verdict_base = "" if vs_base is None else f" ({verdict(results, OURS, BASE, col)})"
+        verdict_best = "" if vs_best is None else f" ({verdict(results, OURS, best[0], col)})"
+        if unmeasurable_judges(results, col.metric):
+            verdict_base = verdict_best = f" ({NOT_MEASURABLE})"
         rows.append([col.label, fmt_measure(ours), fmt_measure(base), fmt_gain(vs_base) + verdict_base,
                      DASH if best is None else f"{code(best[0])} {fmt_measure(best[1])}",
                      fmt_gain(vs_best) + verdict_best, f"+{PAPER_GAINS[col.metric]}%"])
@@ -582,7 +642,7 @@ def gains_blocks(results: dict) -> list:
                                      f"{fmt_gain(recorded[col.metric])}, the systems' numbers give {fmt_gain(vs_base)}")
     header = ["Axis", "trinityx", "base", "gain vs base", "best baseline", "gain vs best baseline", "paper's claim"]
     note = ("Relative gain = 100 (trinityx − reference) / reference, as in the paper; in brackets the verdict "
-            "with 95% intervals (a tie is a gain inside the noise). The best baseline is the best of expert:*, "
+            "of the paired test (a tie is a gain inside the noise). The best baseline is the best of expert:*, "
             "datamix and merge:* on that axis. The paper's claims are relative gains over strong baselines "
             "(Kashyap et al. 2025), not numbers from this run.")
     blocks = [("h", 2, "Relative gains")] + table_block(header, rows, note)
@@ -591,14 +651,61 @@ def gains_blocks(results: dict) -> list:
     return blocks
 
 
+PAIRED_COLUMNS = ("win_rate", "lc_win_rate", "safety_score", "mc1", "mc2", "truth_x_info")
+OWN_AXIS = {"expert:helpful": ("win_rate", "lc_win_rate"), "expert:harmless": ("safety_score",),
+            "expert:honest": ("mc1", "mc2", "truth_x_info")}
+
+
+def paired_cell(results: dict, a: str, b: str, metric: str) -> str:
+    d = paired(results, a, b, metric)
+    if d is None:
+        return DASH
+    if unmeasurable_judges(results, metric):
+        return NOT_MEASURABLE
+    return f"{d['difference']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] **{d['verdict']}**"
+
+
+def paired_blocks(results: dict) -> list:
+    """trinityx against every system, and each expert against base on its own axis, by the paired test."""
+    blocks = [("h", 2, "Paired verdicts")]
+    if not results.get("paired"):
+        return blocks + [("p", "No paired comparisons in results.json.")]
+    others = [s for s in ordered(results.get("systems") or {}) if s != OURS and (results.get("paired") or {}).get(OURS, {}).get(s)]
+    columns = [COLUMN[m] for m in PAIRED_COLUMNS]
+    rows = [[code(s), *[paired_cell(results, OURS, s, c.metric) for c in columns]] for s in others]
+    tally = []
+    for c in columns:
+        words = [paired(results, OURS, s, c.metric) for s in others]
+        words = [d["verdict"] for d in words if d is not None]
+        tally.append(f"{words.count('win')} / {words.count('tie')} / {words.count('loss')}")
+    rows.append(["**wins / ties / losses**", *tally])
+    note = ("Each cell: `trinityx` minus the row's system on the same items (percentage points), the paired "
+            "bootstrap 95% interval of that difference, and the verdict (win or loss only when the interval "
+            f"excludes 0; for every column higher is better). {NOT_MEASURABLE}: the judge does not beat its "
+            "trivial baseline. Source: results.json `paired`.")
+    blocks += table_block(["trinityx vs", *[c.label for c in columns]], rows, note)
+    expert_rows = []
+    for expert, metrics in OWN_AXIS.items():
+        for metric in metrics:
+            if paired(results, expert, BASE, metric) is not None:
+                expert_rows.append([code(expert), COLUMN[metric].label, paired_cell(results, expert, BASE, metric)])
+    if expert_rows:
+        blocks.append(("h", 3, "Is each expert a specialist?"))
+        blocks += table_block(["Expert", "Own-axis metric", "expert − base (paired 95% interval, verdict)"],
+                              expert_rows, "An expert is a specialist when it beats `base` on its own axis.",
+                              align="llr")
+    return blocks
+
+
 def ablation_blocks(results: dict) -> list:
     systems = ablation_systems(results)
     columns = [COLUMN[k] for k in ("win_rate", "lc_win_rate", "safety_score", "mc1", "mc2", "truth_x_info")]
     rows = metric_table(results, systems, columns, OURS, {"tie": "tie", "win": "worse", "loss": "better"})
-    note = ("**Bold**: best in the column. In brackets each ablation against `trinityx` with 95% intervals: "
+    note = ("**Bold**: best in the column. In brackets each ablation against `trinityx` by the paired test: "
             "worse, tie or better. no-calibration: temperature T = 1; no-gl / no-rl: gating / regularisation "
-            "loss weight 0; uniform: gates fixed at 1/K; top1: only the highest gate; trinityx-token: a gate per "
-            "token. " + source_note(results, systems, ("helpful", "harmless", "honest")))
+            "loss weight 0; uniform: gates fixed at 1/K; top1: only the highest gate; lm-router: the sequence "
+            "router trained through the mixture with the LM loss (the paper's objective) instead of on cached "
+            "prompt states; trinityx-token: a gate per token. " + source_note(results, systems, ("helpful", "harmless", "honest")))
     return [("h", 2, "Ablations")] + table_block(["System", *[c.label for c in columns]], rows, note)
 
 
@@ -660,11 +767,21 @@ def routing_blocks(results: dict, figures: dict) -> list:
     if not routing:
         return blocks + [("p", "No routing statistics in results.json.")]
     dims = routing_dimensions(results)
-    rows = [[code(d), *[DASH if (routing[d] or {}).get(k) is None else f"{routing[d][k]:.2f}" for k in dims]]
-            for d in routing]
-    table = table_block(["Dataset", *dims], rows,
-                        "Source: results.json `routing`: mean gate of the `trinityx` system over each evaluation "
-                        "dataset's prompts. A calibrated router puts most weight on the dataset's own dimension.")
+    accuracy = results.get("routing_accuracy") or {}
+    rows = []
+    for d in routing:
+        a = accuracy.get(d) or {}
+        counts = a.get("argmax_counts") or {}
+        rows.append([code(d), code(a.get("dimension")), fmt_num(a.get("accuracy")),
+                     " / ".join(fmt_num(counts.get(k)) for k in dims),
+                     *[DASH if (routing[d] or {}).get(k) is None else f"{routing[d][k]:.2f}" for k in dims]])
+    table = table_block(["Dataset", "Its dimension", "Routing accuracy", f"Routed to ({' / '.join(dims)})",
+                         *[f"mean gate {k}" for k in dims]], rows,
+                        "Source: results.json `routing` and `routing_accuracy`: how `trinityx` routed each evaluation "
+                        "set's items, each from its request (the instruction, prompt or question as a user writes "
+                        "it; never TruthfulQA's QA primer). Routing accuracy: the share whose highest gate is the "
+                        "set's own dimension; routed to: the argmax counts (the set's row of the confusion matrix).",
+                        align="llrrrrr"[:2] + "r" * (3 + len(dims)))
     if figures["routing_heatmap"] is None:
         return blocks + table
     figure = [("figures", [(f"figures/{figures['routing_heatmap']}",
@@ -693,14 +810,19 @@ def judge_blocks(results: dict) -> list:
     for kind in ("helpful", "harmless", "truth", "info"):
         j = judges.get(kind) or {}
         valid = any(j.get(k) is not None for k in ("agreement", "accuracy", "auroc"))
+        baseline = j.get("length_rule_agreement") if kind == "helpful" else j.get("majority_baseline")
+        status = ("**unknown: not a result**" if not valid else
+                  "**no: does not beat its baseline, its metrics are not measurable**" if j.get("measurable") is False
+                  else "yes" if j.get("measurable") else "baseline not recorded")
         rows.append([kind, code(j.get("name")), fmt_num(j.get("agreement")), fmt_num(j.get("accuracy")),
-                     fmt_num(j.get("auroc")), fmt_num(j.get("threshold")), fmt_num(j.get("length_rule_agreement")),
-                     fmt_num(j.get("n")), code(j.get("split")), "yes" if valid else "**unknown: not a result**"])
-    header = ["Judge", "Name", "Agreement", "Accuracy", "AUROC", "Threshold", "Length-rule agreement", "n", "Split",
-              "Validity known"]
-    note = ("Each judge's validity on held-out labelled data it never trained on. The length rule (prefer the "
-            "longer answer) is the floor the helpful judge must beat. Source: results.json `judges`.")
-    return [("h", 2, "Judge validity")] + table_block(header, rows, note, align="llrrrrrrll")
+                     fmt_num(j.get("balanced_accuracy")), fmt_num(j.get("auroc")), fmt_num(j.get("threshold")),
+                     fmt_num(baseline), fmt_num(j.get("n")), code(j.get("split")), status])
+    header = ["Judge", "Name", "Agreement", "Accuracy", "Balanced accuracy", "AUROC", "Threshold",
+              "Trivial baseline", "n", "Split", "Beats its baseline"]
+    note = ("Each judge's validity on held-out labelled data it never trained on, beside its trivial baseline: "
+            "the majority class for harm, truth and info, the length rule (prefer the longer answer) for the "
+            "pairwise helpful judge. Source: results.json `judges`.")
+    return [("h", 2, "Judge validity")] + table_block(header, rows, note, align="llrrrrrrrll")
 
 
 def provenance_blocks(results: dict) -> list:
@@ -727,7 +849,8 @@ def provenance_blocks(results: dict) -> list:
 
 def build_document(results: dict, run: Path, figures: dict) -> list:
     return [*header_blocks(results), *main_blocks(results), *gains_blocks(results), *figure_blocks(figures),
-            *ablation_blocks(results), *efficiency_blocks(results), *router_blocks(results, run),
+            *paired_blocks(results), *ablation_blocks(results), *efficiency_blocks(results),
+            *router_blocks(results, run),
             *routing_blocks(results, figures), *judge_blocks(results), *provenance_blocks(results)]
 
 
