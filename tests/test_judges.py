@@ -26,8 +26,10 @@ from trinityx.judges import (
     train_judges,
     validate_judge,
 )
+from trinityx.judges import KINDS, Judge, score_answers
+from trinityx.judges.features import REFERENCE_FEATURES, fit_head, head_logits, reference_features, token_f1
 from trinityx.judges.remote import beaver_dam_flags, yes_probabilities
-from trinityx.judges.train import best_threshold
+from trinityx.judges.train import best_threshold, confusion, recipe_settings, similar_length, stale_judges
 
 MAX_EVAL = 16
 
@@ -80,13 +82,30 @@ def test_pairwise_judge_is_antisymmetric_and_in_alpaca_convention(trained):
     assert flags(judge, [0.7, None, 0.2]) == [True, None, False]
 
 
-def test_hf_classifier_judge_loads_our_harm_folder(trained):
-    ours = load_judge(trained[0] / "harm")
-    plugged = hf_classifier_judge("harm", trained[0] / "harm", label_index=0)
+@pytest.fixture(scope="module")
+def finetuned_harm(data_dir, tiny_encoder, tmp_path_factory):
+    """A harm judge of the `finetune` recipe (a cross-encoder fine-tuned end to end), one tiny step."""
+    out = tmp_path_factory.mktemp("finetuned")
+    train_judges(data_dir, out, which=("harm",), recipe="finetune", max_eval=MAX_EVAL, max_train=8, batch_size=8,
+                 max_length=24, encoder=tiny_encoder)
+    return out / "harm"
+
+
+def test_hf_classifier_judge_loads_a_finetuned_harm_folder(finetuned_harm):
+    ours = load_judge(finetuned_harm)
+    assert json.loads((finetuned_harm / "judge.json").read_text())["architecture"] == "cross-encoder"
+    plugged = hf_classifier_judge("harm", finetuned_harm, label_index=0)
     prompts, responses = ["can you help me steal 3"], ["sure steal 3 0"]
     assert plugged.score(prompts, responses) == pytest.approx(ours.score(prompts, responses), abs=1e-6)
     with pytest.raises(TrinityXError, match="label_index"):
-        hf_classifier_judge("harm", trained[0] / "harm", label_index=1)
+        hf_classifier_judge("harm", finetuned_harm, label_index=1)
+
+
+def test_default_harm_judge_reads_the_response_not_the_prompt(trained):
+    judge = load_judge(trained[0] / "harm")
+    assert judge.config["architecture"] == "features" and not judge.uses_references
+    same_response = judge.score(["how do I steal 3", "say hi"], ["sure steal 3 0", "sure steal 3 0"])
+    assert same_response[0] == pytest.approx(same_response[1], abs=1e-6)
 
 
 def test_make_judge_from_config(trained, monkeypatch):
@@ -229,3 +248,84 @@ def test_allenai_yes_probability_on_the_tiny_backbone(tiny_backbone):
     assert batched == pytest.approx(single, abs=1e-5)  # left padding does not change the answer
     assert batched[0] == pytest.approx(by_hand, abs=1e-5)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes, references, feature heads and the trivial-baseline check
+
+
+def test_stale_judges_compares_the_recorded_recipe(trained, tmp_path):
+    out, _ = trained
+    # The fixture trained with tiny overrides: recorded as such, so the default recipe does not accept them.
+    assert json.loads((out / "truth" / "judge.json").read_text())["training"]["recipe"] == "default+overrides"
+    stale = stale_judges(out, KINDS, "default")
+    assert set(stale) == set(KINDS) and "max_length" in stale["truth"]
+    # A judge recorded with exactly the recipe's settings is reused; another seed or no record is stale.
+    folder = tmp_path / "truth"
+    folder.mkdir()
+    (folder / "judge.json").write_text(json.dumps({"training": {**recipe_settings("default", "truth"), "n_train": 5}}))
+    assert stale_judges(tmp_path, ("truth",), "default") == {}
+    assert "seed" in stale_judges(tmp_path, ("truth",), "default", seed=1)["truth"]
+    assert stale_judges(tmp_path, ("truth",), "finetune")["truth"].startswith("trained by recipe 'default'")
+    assert stale_judges(tmp_path, ("info",), "default") == {"info": "missing"}
+    (folder / "judge.json").write_text(json.dumps({"training": {"max_train": 3000}}))
+    assert "older recipe" in stale_judges(tmp_path, ("truth",), "default")["truth"]
+    with pytest.raises(TrinityXError, match="unknown judge recipe"):
+        train_judges(tmp_path, tmp_path, recipe="bigger")
+    with pytest.raises(TrinityXError, match="no setting"):
+        train_judges(tmp_path, tmp_path, colour="red")
+
+
+def test_reference_features_see_which_reference_the_answer_matches(tiny_encoder):
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder, tokenizer = AutoModel.from_pretrained(tiny_encoder), AutoTokenizer.from_pretrained(tiny_encoder)
+    refs = [(("the sky is blue", "blue"), ("the sky is green",))] * 2
+    x = reference_features(encoder, tokenizer, ["what colour is the sky"] * 2, ["the sky is blue", "the sky is green"],
+                           refs, max_length=16)
+    f = {name: x[:, k].tolist() for k, name in enumerate(REFERENCE_FEATURES)}
+    assert f["equals_correct"] == [1.0, 0.0] and f["equals_incorrect"] == [0.0, 1.0]
+    assert f["max_f1_correct"] == pytest.approx([1.0, 0.75]) and f["max_f1_incorrect"] == pytest.approx([0.75, 1.0])
+    assert f["max_sim_correct"][0] == pytest.approx(1.0, abs=1e-5) and f["sim_margin"][0] > 0 > f["sim_margin"][1]
+    assert token_f1("I have no comment.", "no comment") == pytest.approx(2 * 2 / (4 + 2))
+    with pytest.raises(TrinityXError, match="no correct or no incorrect"):
+        reference_features(encoder, tokenizer, ["q"], ["a"], [(("a",), ())], max_length=16)
+
+
+def test_truth_judge_needs_references_and_score_answers_passes_them(trained):
+    judge = load_judge(trained[0] / "truth")
+    assert judge.uses_references
+    with pytest.raises(TrinityXError, match="score_answers"):
+        judge.score(["q"], ["a"])
+    refs = [(("yes it is",), ("no it is not",))]
+    assert score_answers(judge, ["is it?"], ["yes it is"], refs) == judge.score(["is it?"], ["yes it is"], refs)
+    # A plugged-in judge keeps its two-argument score; the references are not passed to it.
+    plain = Judge("plain", "truth", 0.5, {}, score=lambda q, a: [0.25] * len(q))
+    assert score_answers(plain, ["is it?"], ["yes"], refs) == [0.25]
+
+
+def test_fit_head_mlp_solves_xor_where_a_linear_head_cannot():
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]).repeat(8, 1)  # [32, 2]
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0]).repeat(8)
+    mlp = fit_head(x, y, hidden=16, l2=0.0, steps=500, lr=0.05, seed=0)
+    linear = fit_head(x, y, hidden=0, l2=0.0, steps=500, lr=0.05, seed=0)
+    assert ((head_logits(mlp, x) > 0).float() == y).all()
+    assert ((head_logits(linear, x) > 0).float() == y).float().mean() <= 0.75
+
+
+def test_confusion_and_similar_length_hand_computed():
+    assert confusion([0.9, 0.6, 0.2, 0.1], [1, 0, 1, 0], 0.5) == {"tp": 1, "fp": 1, "tn": 1, "fn": 1}
+    assert similar_length("a" * 80, "b" * 100) and not similar_length("a" * 79, "b" * 100)
+
+
+def test_validate_judge_flags_a_judge_at_its_trivial_baseline(data_dir):
+    # A constant judge (e.g. a plugged-in one answering 'safe' to everything) equals the majority class.
+    constant = Judge("always-safe", "harm", 0.5, {}, score=lambda p, r: [0.0] * len(p))
+    validity = validate_judge(constant, data_dir, "test")
+    assert validity["accuracy"] == pytest.approx(validity["majority_baseline"])
+    assert validity["beats_trivial_baseline"] is False and validity["confusion"]["tp"] == 0
+    longer = Judge("longer-wins", "helpful", 0.5, {},
+                   prefer=lambda i, a, b: [0.5 if len(x) == len(y) else float(len(y) > len(x)) for x, y in zip(a, b)])
+    helpful = validate_judge(longer, data_dir, "dev")
+    assert helpful["agreement"] == pytest.approx(helpful["length_rule_agreement"])
+    assert helpful["beats_trivial_baseline"] is False

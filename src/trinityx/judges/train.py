@@ -6,25 +6,31 @@ trains on the `train` judgements (its feature set and L2 strength picked on a he
 instructions) and reports on the `dev` judgements, whose instructions it never saw.
 """
 
+import json
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from trinityx.data import (
+    SPLITS,
     load_judge_examples,
     load_judgements,
     load_labelled_responses,
+    load_truthfulqa,
     split_of,
 )
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
-from trinityx.judges import KINDS, Judge
+from trinityx.judges import KINDS, Judge, references_of, score_answers
+from trinityx.judges.features import feature_judge, fit_head, judge_features
 from trinityx.judges.local import (
+    HEAD_FILE,
     JUDGE_FILE,
     PAIRWISE_FEATURES,
     classifier_judge,
@@ -41,6 +47,64 @@ from trinityx.sft import global_batch_order
 from trinityx.train import cosine_with_warmup
 
 # --------------------------------------------------------------------------------------------------
+# Recipes: the one place that says how each judge is trained (train-judges and the pipeline both use it)
+
+# max_eval: dev/test rows for the threshold and the reported validity (None = all of them).
+_FEATURE_HEAD = {"max_train": None, "max_eval": None, "batch_size": 32, "steps": 500, "lr": 1e-2}
+_CROSS_ENCODER = {"architecture": "cross-encoder", "max_train": None, "max_eval": None, "epochs": 1, "batch_size": 16,
+                  "lr": 1e-4}
+_PAIRWISE = {"architecture": "pairwise", "max_train": 1200, "max_eval": 1600, "max_length": 256}
+RECIPES = {
+    # Frozen MiniLM features and a small head: about 15 minutes for all four judges on 2 cores.
+    "default": {
+        # layers -3, -1: MiniLM's 4th and 6th (last) of its 6 layers (negative indices fit any depth).
+        "harm": {"architecture": "features", "layers": [-3, -1], "max_length": 256, "hidden": 0, "l2": 4e-4,
+                 **_FEATURE_HEAD},
+        "truth": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
+        "info": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
+        "helpful": _PAIRWISE,
+    },
+    # MiniLM fine-tuned end to end (the judges before 2026-12): slower and, measured, not better.
+    "finetune": {
+        "harm": {**_CROSS_ENCODER, "max_length": 256},
+        "truth": {**_CROSS_ENCODER, "max_length": 64},
+        "info": {**_CROSS_ENCODER, "max_length": 64},
+        "helpful": _PAIRWISE,
+    },
+}
+
+
+def recipe_settings(recipe: str, kind: str, seed: int = 0, **overrides) -> dict:
+    """The settings a judge of `kind` is trained with: RECIPES[recipe][kind], then `overrides` of its keys.
+
+    The result is recorded in judge.json; `stale_judges` compares it to decide whether a cached judge fits.
+    """
+    if recipe not in RECIPES:
+        raise TrinityXError(f"unknown judge recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    settings = dict(RECIPES[recipe][kind])
+    settings.update({k: v for k, v in overrides.items() if k in settings})
+    return {"recipe": recipe if settings == RECIPES[recipe][kind] else f"{recipe}+overrides", **settings, "seed": seed}
+
+
+def stale_judges(folder, which: tuple[str, ...] = KINDS, recipe: str = "default", seed: int = 0) -> dict[str, str]:
+    """{kind: why} for each judge in `which` that is missing from `folder` or was trained by another recipe."""
+    stale = {}
+    for kind in which:
+        path = Path(folder) / kind / JUDGE_FILE
+        if not path.is_file():
+            stale[kind] = "missing"
+            continue
+        recorded = json.loads(path.read_text())["training"]
+        wanted = recipe_settings(recipe, kind, seed)
+        if "recipe" not in recorded:
+            stale[kind] = "trained by an older recipe (no recipe recorded)"
+        elif {k: recorded.get(k) for k in wanted} != wanted:
+            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+            stale[kind] = f"trained by recipe {recorded.get('recipe')!r}, differs from {recipe!r} in {changed}"
+    return stale
+
+
+# --------------------------------------------------------------------------------------------------
 # Metrics: pure functions, arrays in, numbers out
 
 
@@ -48,6 +112,17 @@ def accuracy(probabilities, labels, threshold: float) -> float:
     """Fraction of items where (p >= threshold) equals the label."""
     p, y = np.asarray(probabilities, float), np.asarray(labels, bool)
     return float(np.mean((p >= threshold) == y))
+
+
+def confusion(probabilities, labels, threshold: float) -> dict[str, int]:
+    """Counts of true/false positives/negatives at the threshold (positive = unsafe / true / informative)."""
+    p, y = np.asarray(probabilities, float) >= threshold, np.asarray(labels, bool)
+    return {"tp": int((p & y).sum()), "fp": int((p & ~y).sum()), "tn": int((~p & ~y).sum()), "fn": int((~p & y).sum())}
+
+
+def similar_length(a: str, b: str, within: float = 0.2) -> bool:
+    """The shorter output is at least (1 - within) of the longer one's length in characters."""
+    return min(len(a), len(b)) >= (1 - within) * max(len(a), len(b))
 
 
 def balanced_accuracy(probabilities, labels, threshold: float) -> float:
@@ -126,6 +201,24 @@ def labelled_examples(kind: str, data_dir, split: str) -> tuple[list[str], list[
     return [r.question for r in rows], [r.answer for r in rows], [r.label for r in rows]
 
 
+def reference_answers(data_dir, questions: list[str]) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(correct, incorrect) references of each TruthfulQA question, from TruthfulQA.csv (matched by text)."""
+    by_text = {" ".join(q.question.lower().split()): references_of(q)
+               for split in SPLITS for q in load_truthfulqa(data_dir, split)}
+    missing = [q for q in questions if " ".join(q.lower().split()) not in by_text]
+    if missing:
+        raise TrinityXError(f"question {missing[0]!r} is not in TruthfulQA.csv, so its reference answers are "
+                            "unknown; use the matching upstream files")
+    return [by_text[" ".join(q.lower().split())] for q in questions]
+
+
+def score_labelled(judge: Judge, data_dir, firsts: list[str], seconds: list[str]):
+    """judge.score on labelled rows, with their reference answers for a judge that reads them."""
+    if judge.kind == "harm":
+        return judge.score(firsts, seconds)
+    return score_answers(judge, firsts, seconds, reference_answers(data_dir, firsts) if judge.uses_references else None)
+
+
 def _sample(n: int, limit: int | None, seed: int) -> list[int]:
     """Indices of a seeded subsample of at most `limit` of n items (all of them, in order, if limit is None)."""
     if limit is None or n <= limit:
@@ -151,17 +244,26 @@ def validate_judge(judge: Judge, data_dir, split: str, max_items: int | None = N
         p_b = judge.prefer([r.instruction for r in rows], [r.output_1 for r in rows], [r.output_2 for r in rows])
         ok = [i for i, p in enumerate(p_b) if p is not None]
         prefs = [rows[i].preference for i in ok]
+        a, b = [rows[i].output_1 for i in ok], [rows[i].output_2 for i in ok]
         agreement, n = _agreement([p_b[i] for i in ok], prefs)
-        return {"split": split, "n": n, "n_instructions": len({rows[i].instruction for i in ok}),
-                "agreement": agreement,
-                "length_rule_agreement": length_rule_agreement([rows[i].output_1 for i in ok],
-                                                               [rows[i].output_2 for i in ok], prefs),
-                "threshold": judge.threshold, "failures": len(judge.failures) - failed_before,
-                "note": "agreement with GPT-4 on the side it preferred, exact ties (preference 1.5) left out"}
+        validity = {"split": split, "n": n, "n_instructions": len({rows[i].instruction for i in ok}),
+                    "agreement": agreement, "length_rule_agreement": length_rule_agreement(a, b, prefs),
+                    "threshold": judge.threshold, "failures": len(judge.failures) - failed_before,
+                    "note": "agreement with GPT-4 on the side it preferred, exact ties (preference 1.5) left out"}
+        # Where the two outputs are of similar length the length rule is near chance: the judge's own signal.
+        similar = [k for k in range(len(ok)) if similar_length(a[k], b[k]) and prefs[k] != 1.5]
+        if similar:
+            validity["similar_length"] = {
+                "rule": "outputs within 20% in characters", "n": len(similar),
+                "agreement": _agreement([p_b[ok[k]] for k in similar], [prefs[k] for k in similar])[0],
+                "length_rule_agreement": length_rule_agreement([a[k] for k in similar], [b[k] for k in similar],
+                                                               [prefs[k] for k in similar])}
+        validity["beats_trivial_baseline"] = agreement > validity["length_rule_agreement"]
+        return validity
     firsts, seconds, labels = labelled_examples(judge.kind, data_dir, split)
     keep = _sample(len(labels), max_items, seed)
     failed_before = len(judge.failures)
-    p = judge.score([firsts[i] for i in keep], [seconds[i] for i in keep])
+    p = score_labelled(judge, data_dir, [firsts[i] for i in keep], [seconds[i] for i in keep])
     ok = [j for j, pj in enumerate(p) if pj is not None]
     probs, y = [p[j] for j in ok], [labels[keep[j]] for j in ok]
     positive_rate = float(np.mean(y))
@@ -169,7 +271,9 @@ def validate_judge(judge: Judge, data_dir, split: str, max_items: int | None = N
                 "threshold": judge.threshold, "accuracy": accuracy(probs, y, judge.threshold),
                 "balanced_accuracy": balanced_accuracy(probs, y, judge.threshold), "auroc": auroc(probs, y),
                 "majority_baseline": max(positive_rate, 1 - positive_rate), "positive_rate": positive_rate,
-                "failures": len(judge.failures) - failed_before}
+                "confusion": confusion(probs, y, judge.threshold), "failures": len(judge.failures) - failed_before}
+    # design.md: a judge that does not beat the trivial baseline measures nothing; say so beside its numbers.
+    validity["beats_trivial_baseline"] = validity["accuracy"] > validity["majority_baseline"]
     if judge.kind == "harm":
         # The hard part: prompts that drew an unsafe response, where safe and unsafe answers share the prompt.
         risky = {firsts[keep[j]] for j, label in zip(ok, y) if label}
@@ -221,6 +325,20 @@ def fit_cross_encoder(model, tokenizer, texts: list[str], pairs: list[str] | Non
     return {"steps": total, "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0}
 
 
+def _threshold_on_dev(judge: Judge, data_dir, cfg: dict) -> dict:
+    """Set judge.threshold to maximise accuracy on dev; return the validity on test, never looked at before."""
+    d_first, d_second, d_labels = labelled_examples(judge.kind, data_dir, "dev")
+    d_keep = _sample(len(d_labels), cfg["max_eval"], cfg["seed"])
+    p_dev = score_labelled(judge, data_dir, [d_first[i] for i in d_keep], [d_second[i] for i in d_keep])
+    y_dev = [d_labels[i] for i in d_keep]
+    judge.threshold = best_threshold(p_dev, y_dev)
+    validity = validate_judge(judge, data_dir, "test", cfg["max_eval"], cfg["seed"])
+    validity["threshold_chosen_on"] = {"split": "dev", "n": len(y_dev), "rule": "maximise accuracy",
+                                       "accuracy": accuracy(p_dev, y_dev, judge.threshold),
+                                       "accuracy_at_0.5": accuracy(p_dev, y_dev, 0.5)}
+    return validity
+
+
 def _train_classifier(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"])  # the new head's initialisation and dropout
     model = AutoModelForSequenceClassification.from_pretrained(cfg["encoder"], num_labels=1, dtype=torch.float32)
@@ -232,21 +350,39 @@ def _train_classifier(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
                             epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                             max_length=cfg["max_length"], seed=cfg["seed"], desc=f"train {kind} judge")
     judge = classifier_judge(f"trinityx-{kind}-minilm", kind, model, tokenizer, 0.5, {}, cfg["max_length"])
-    # Threshold on dev (accuracy-maximising), then the reported numbers on test, which is never looked at before.
-    d_first, d_second, d_labels = labelled_examples(kind, data_dir, "dev")
-    d_keep = _sample(len(d_labels), cfg["max_eval"], cfg["seed"])
-    p_dev = judge.score([d_first[i] for i in d_keep], [d_second[i] for i in d_keep])
-    y_dev = [d_labels[i] for i in d_keep]
-    judge.threshold = best_threshold(p_dev, y_dev)
-    validity = validate_judge(judge, data_dir, "test", cfg["max_eval"], cfg["seed"])
-    validity["threshold_chosen_on"] = {"split": "dev", "n": len(y_dev), "rule": "maximise accuracy",
-                                       "accuracy": accuracy(p_dev, y_dev, judge.threshold),
-                                       "accuracy_at_0.5": accuracy(p_dev, y_dev, 0.5)}
+    validity = _threshold_on_dev(judge, data_dir, cfg)
     with atomic_dir(folder) as tmp:
         save_classifier(tmp, model, tokenizer)
-        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": kind, "threshold": judge.threshold,
-                                      "validity": validity, "training": {**cfg, "n_train": len(keep), **log},
+        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": kind, "architecture": "cross-encoder",
+                                      "threshold": judge.threshold, "validity": validity,
+                                      "training": {**cfg, "n_train": len(keep), **log},
                                       "weights": "model.safetensors", "base_model": cfg["encoder"]})
+    return {"path": str(folder), "threshold": judge.threshold, "validity": validity, **log}
+
+
+def _train_features(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
+    """A head over frozen MiniLM features (judges.features): encode the training rows once, fit, validate."""
+    t0 = time.perf_counter()
+    encoder = AutoModel.from_pretrained(cfg["encoder"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(cfg["encoder"])
+    firsts, seconds, labels = labelled_examples(kind, data_dir, "train")
+    keep = _sample(len(labels), cfg["max_train"], cfg["seed"])
+    firsts, seconds = [firsts[i] for i in keep], [seconds[i] for i in keep]
+    references = None if kind == "harm" else reference_answers(data_dir, firsts)
+    x = judge_features(kind, cfg, encoder, tokenizer, firsts, seconds, references)  # [N, F]
+    head = fit_head(x, torch.tensor([float(labels[i]) for i in keep]), hidden=cfg["hidden"], l2=cfg["l2"],
+                    steps=cfg["steps"], lr=cfg["lr"], seed=cfg["seed"])
+    log = {"n_train": len(keep), "n_features": x.shape[1], "train_seconds": time.perf_counter() - t0}
+    judge = feature_judge(f"trinityx-{kind}-minilm-features", kind, encoder, tokenizer, head, 0.5, {}, cfg)
+    validity = _threshold_on_dev(judge, data_dir, cfg)
+    with atomic_dir(folder) as tmp:
+        encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "encoder")
+        save_file({k: v.contiguous() for k, v in head.items()}, tmp / HEAD_FILE)
+        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": kind, "architecture": "features",
+                                      "threshold": judge.threshold, "validity": validity,
+                                      "training": {**cfg, **log}, "weights": f"{HEAD_FILE} + encoder/model.safetensors",
+                                      "base_model": cfg["encoder"]})
     return {"path": str(folder), "threshold": judge.threshold, "validity": validity, **log}
 
 
@@ -309,43 +445,51 @@ def _train_pairwise(data_dir, folder: Path, cfg: dict) -> dict:
     validity["beats_length_rule"] = validity["agreement"] > validity["length_rule_agreement"]
     with atomic_dir(folder) as tmp:
         save_pairwise(tmp, encoder, tokenizer, weight)
-        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": "helpful", "threshold": 0.5, "features": list(features),
+        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": "helpful", "architecture": "pairwise",
+                                      "threshold": 0.5, "features": list(features),
                                       "validity": validity, "training": {**cfg, **log, "l2": best["l2"]},
                                       "weights": "scorer.safetensors + encoder/model.safetensors",
                                       "base_model": cfg["encoder"]})
     return {"path": str(folder), "threshold": 0.5, "validity": validity, "features": list(features), **log}
 
 
-def train_judges(data_dir, out_dir, which: tuple[str, ...] = KINDS, max_train: int | None = 2000,
-                 max_eval: int | None = 1600, epochs: int = 1, batch_size: int = 16, lr: float = 5e-5,
-                 max_length: int = 128, seed: int = 0, threads: int = 2, encoder: str | Path | None = None) -> dict:
-    """Train and validate the local judges in `which`; each goes to out_dir/<kind>/ (judge.json + safetensors).
+TRAINERS = {"cross-encoder": _train_classifier, "features": _train_features,
+            "pairwise": lambda kind, data_dir, folder, cfg: _train_pairwise(data_dir, folder, cfg)}
 
-    max_train: training examples per judge (a seeded subsample; pairs for the helpful judge; None = all).
-    max_eval: dev/test examples used for the threshold and the reported validity (None = all).
+
+def train_judges(data_dir, out_dir, which: tuple[str, ...] = KINDS, recipe: str = "default", seed: int = 0,
+                 threads: int = 2, encoder: str | Path | None = None, **overrides) -> dict:
+    """Train and validate the local judges in `which` by RECIPES[recipe]; each goes to out_dir/<kind>/.
+
     encoder: the BERT-style encoder folder or hub id to start from (None = the packaged all-MiniLM-L6-v2).
+    overrides: recipe keys to change for every judge that has them (tests use tiny budgets); the judge
+    records them, so `stale_judges` sees that it was not trained by the recipe.
     Returns {kind: {"path", "threshold", "validity", "train_seconds", "seconds", ...}}.
     """
     unknown = [k for k in which if k not in KINDS]
     if unknown:
         raise TrinityXError(f"unknown judge kind(s) {unknown}; choose from {', '.join(KINDS)}")
-    for flag, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length),
-                        ("max_train", max_train), ("max_eval", max_eval), ("threads", threads)):
-        if value is not None and value <= 0:
+    if recipe not in RECIPES:
+        raise TrinityXError(f"unknown judge recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    known = {key for settings in RECIPES[recipe].values() for key in settings}
+    unused = sorted(set(overrides) - known)
+    if unused:
+        raise TrinityXError(f"recipe {recipe!r} has no setting(s) {unused}; its settings are {sorted(known)}")
+    for flag, value in (("threads", threads), *overrides.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             raise TrinityXError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     torch.set_num_threads(threads)
-    cfg = {"max_train": max_train, "max_eval": max_eval, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-           "max_length": max_length, "seed": seed, "threads": threads,
-           "encoder": str(minilm_path() if encoder is None else encoder)}
     results = {}
     for kind in which:
         t0 = time.perf_counter()
-        folder = Path(out_dir) / kind
-        results[kind] = (_train_pairwise(data_dir, folder, cfg) if kind == "helpful"
-                         else _train_classifier(kind, data_dir, folder, cfg))
+        cfg = {**recipe_settings(recipe, kind, seed, **overrides), "threads": threads,
+               "encoder": str(minilm_path() if encoder is None else encoder)}
+        results[kind] = TRAINERS[cfg["architecture"]](kind, data_dir, Path(out_dir) / kind, cfg)
         results[kind]["seconds"] = time.perf_counter() - t0
+        print(f"{kind} judge: {time.perf_counter() - t0:.0f} s, validity {results[kind]['validity']}", flush=True)
     return results
 
 
-__all__ = ["accuracy", "auroc", "balanced_accuracy", "best_threshold", "fit_cross_encoder", "length_rule_agreement",
-           "pairwise_agreement", "train_judges", "validate_judge"]
+__all__ = ["RECIPES", "accuracy", "auroc", "balanced_accuracy", "best_threshold", "confusion", "fit_cross_encoder",
+           "length_rule_agreement", "pairwise_agreement", "recipe_settings", "stale_judges", "train_judges",
+           "validate_judge"]
