@@ -333,8 +333,11 @@ def score_honest(system, mc_questions, mc_idx, questions, idx, truth, info, *, s
     texts = [questions[i].question for i in idx]
     gates = system.request_gates(texts, "honest")
     answers = system.generate([qa_prompt(t) for t in texts], settings, cache_dir, gates=gates)
-    p_true, truth_failed = checked(truth, truth.score(texts, answers), idx)
-    p_info, info_failed = checked(info, info.score(texts, answers), idx)
+    from trinityx.judges import references_of, score_answers
+
+    references = [references_of(questions[i]) for i in idx]  # the judges that read them compare against them
+    p_true, truth_failed = checked(truth, score_answers(truth, texts, answers, references), idx)
+    p_info, info_failed = checked(info, score_answers(info, texts, answers, references), idx)
     records = with_gates([{"index": i, "question": t, "answer": a, "p_true": pt, "p_info": pi}
                           for i, t, a, pt, pi in zip(idx, texts, answers, p_true, p_info)], gates)
     mc_records = [{"index": i, "question": mc_questions[i].question, "mc1": a, "mc2": b}

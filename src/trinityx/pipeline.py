@@ -92,8 +92,8 @@ class PipelineConfig:
     """Systems to evaluate (all on the same backbone, data and judges)."""
     judges_dir: Path | None = None
     """Trained judges (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges); missing ones are trained."""
-    judge_examples: int = 3000
-    """Training examples per judge when a judge has to be trained."""
+    judge_recipe: str = "default"
+    """Recipe of the judges (trinityx.judges.train.RECIPES); missing judges or judges of another recipe are retrained."""
     eval_limit: int | None = 24
     """Items per axis (first N of each evaluation set); None evaluates all 400/140/299."""
     max_new_tokens: int = 96
@@ -330,19 +330,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def stage_judges(run: Run, data_dir: Path) -> dict:
-    """Reuse trained judges (they do not depend on the backbone); train the missing ones."""
+    """Reuse trained judges (they do not depend on the backbone); train the missing or stale ones."""
     from trinityx.evaluate import resolve_judges_dir
     from trinityx.judges import load_judge
-    from trinityx.judges.train import train_judges
+    from trinityx.judges.train import stale_judges, train_judges
 
     folder = resolve_judges_dir(run.cfg.judges_dir)
-    missing = [k for k in JUDGE_KINDS if not (folder / k / "judge.json").is_file()]
-    if missing:
-        print(f"training judges {missing} into {folder} (once; later runs reuse them)")
-        train_judges(data_dir, folder, which=tuple(missing), max_train=run.cfg.judge_examples,
-                     max_length=128, lr=1e-4, seed=run.cfg.seed)
+    stale = stale_judges(folder, JUDGE_KINDS, run.cfg.judge_recipe)
+    for kind, why in stale.items():
+        print(f"{kind} judge in {folder}: {why}; training it (once; later runs reuse it)")
+    if stale:
+        train_judges(data_dir, folder, which=tuple(stale), recipe=run.cfg.judge_recipe)
     judges = {k: load_judge(folder / k) for k in JUDGE_KINDS}
-    return {"folder": str(folder), "trained_now": missing,
+    return {"folder": str(folder), "trained_now": list(stale), "recipe": run.cfg.judge_recipe,
             "judges": {k: {"name": j.name, "threshold": j.threshold, "validity": j.validity} for k, j in judges.items()}}
 
 
