@@ -141,6 +141,27 @@ def test_mixed_gate_batch_equals_rows_alone_and_folding_is_exact(tiny_backbone, 
 
 
 @torch.no_grad()
+def test_router_features_concatenate_layers_and_poolings(tiny_backbone, experts, tokenizer):
+    from trinityx.mocae.router import last_prompt_token, pool_prompt
+
+    ids, mask = batch(tokenizer)  # left-padded
+    full = mocae(tiny_backbone, experts).backbone.get_decoder()(
+        input_ids=ids, attention_mask=mask, output_hidden_states=True,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).hidden_states
+    model = mocae(tiny_backbone, experts, pool_layer=1, pool_layers=[0], pooling="mean+last")
+    D = full[0].shape[-1]
+    assert model.router.head[0].in_features == 4 * D  # 2 layers x (mean, last)
+    normed = [model.router_input(full[layer]) for layer in (1, 0)]
+    expected = torch.cat([pool_prompt(normed[0], mask), last_prompt_token(normed[0], mask),
+                          pool_prompt(normed[1], mask), last_prompt_token(normed[1], mask)], -1)
+    torch.testing.assert_close(model.pooled_prompt(ids, mask), expected)
+    # Left padding: the last prompt token is the last position; right padding: the last 1 of the mask.
+    h = torch.arange(12.0).reshape(2, 3, 2)
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(last_prompt_token(h, right), torch.stack([h[0, 1], h[1, 2]]))
+
+
+@torch.no_grad()
 def test_routing_pass_stops_at_the_pool_layer(tiny_backbone, experts, tokenizer):
     ids, mask = batch(tokenizer)
     decoder = mocae(tiny_backbone, experts).backbone.get_decoder()

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from trinityx import data
 from trinityx.cli import main
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEModel
@@ -78,3 +79,58 @@ def test_routers_of_one_backbone_share_one_routing_pass(tiny_backbone, experts, 
     assert not torch.equal(alone[0], alone[1])
     for a, b in zip(alone, shared):
         torch.testing.assert_close(a, b)
+
+
+def test_states_phase_computes_each_prompt_once_and_standardises(tiny_backbone, data_dir, experts, tmp_path,
+                                                                  monkeypatch):
+    from trinityx.backbones import load_backbone
+    from trinityx.routing import HEAD_TRAIN, pooled_states
+
+    cache, passes = {}, []
+    original = MoCaEModel.pooled_prompt
+    monkeypatch.setattr(MoCaEModel, "pooled_prompt",
+                        lambda self, ids, *a: passes.append(len(ids)) or original(self, ids, *a))
+    cfg = RouterConfig(experts=experts, out=tmp_path / "m", backbone=str(tiny_backbone), data_dir=str(data_dir),
+                       pooling="mean+last", head_train=TrainConfig(**{**HEAD_TRAIN.__dict__, "max_steps": 40}))
+    log = fit_router(cfg, load_backbone(str(tiny_backbone)), cache)
+    assert log["phase"] == "states" and log["router_accuracy_train"] > 0.6
+    n_prompts = log["n_train"] + log["n_dev"]
+    assert sum(passes) == n_prompts  # every routing prompt through the backbone exactly once
+    model = MoCaEModel.from_pretrained(tmp_path / "m", load_backbone(str(tiny_backbone)).model)
+    assert model.config.pooling == "mean+last" and not torch.all(model.router.feature_std == 1)
+    # A second router on the same states, and the calibration sets, add no pass for prompts already seen.
+    prompts = [p.prompt for p in data.load_routing_prompts(data_dir, "dev")[0]]
+    pooled_states(model, load_backbone(str(tiny_backbone)), prompts, HEAD_TRAIN.max_length, cache=cache)
+    assert sum(passes) == n_prompts
+    report = calibrate(CalibrateConfig(run=tmp_path / "m", data_dir=str(data_dir), fit_examples=10, test_examples=10),
+                       load_backbone(str(tiny_backbone)), cache)
+    assert report["fit_split"] == "routing dev" and report["n_test"] > 0
+
+
+def test_routing_data_is_checked_row_by_row(data_dir, tmp_path):
+    prompts, record = data.load_routing_prompts(data_dir, "train")
+    assert {p.dimension for p in prompts} == set(data.DIMENSIONS) and record["dropped_evaluation_items"] == 0
+    evaluation = data.evaluation_prompts(data_dir)
+    for split in data.SPLITS:
+        assert not {p.prompt.lower() for p in data.load_routing_prompts(data_dir, split)[0]} & evaluation
+    train, dev = (set(p.prompt for p in data.load_routing_prompts(data_dir, s)[0]) for s in ("train", "dev"))
+    assert not train & dev
+
+    good = tmp_path / "mine.jsonl"
+    good.write_text('{"prompt": "how do I bake bread with rye?", "dimension": "helpful"}\n' * 3)
+    with_file = [p for s in data.SPLITS for p in data.load_routing_prompts(data_dir, s, files=(good,))[0]]
+    assert [p.source for p in with_file].count(str(good)) == 1  # the duplicated row counts once
+    test_question = next(q.question for q in data.load_truthfulqa(data_dir, "test"))
+    cases = [('[{"dimension": "helpful"}]', "missing key 'prompt'"),
+             ('[{"prompt": "x", "dimension": "funny"}]', "dimension 'funny' is not one of"),
+             ("[]", "has no rows"),
+             (json.dumps([{"prompt": test_question, "dimension": "honest"}]), "is an evaluation item"),
+             ('[{"prompt": "  ", "dimension": "honest"}]', "the prompt is empty")]
+    for n, (text, message) in enumerate(cases):
+        bad = tmp_path / f"bad{n}.json"
+        bad.write_text(text)
+        with pytest.raises(TrinityXError, match=message) as error:
+            data.load_routing_prompts(data_dir, "train", files=(bad,))
+        assert str(bad) in str(error.value) and ("index 0" in str(error.value) or "no rows" in str(error.value))
+    with pytest.raises(TrinityXError, match="does not exist"):
+        data.load_routing_prompts(data_dir, "train", files=(tmp_path / "none.json",))

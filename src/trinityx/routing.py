@@ -259,7 +259,7 @@ def fit_head(model: MoCaEModel, states: torch.Tensor, labels: torch.Tensor, gamm
     Step, schedule, log, in that order: balanced batches, AdamW with warm-up and cosine decay, clipping."""
     head = model.router
     head.train()
-    params = [p for p in head.parameters()]
+    params = list(head.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -305,6 +305,7 @@ def fit_router_on_states(cfg: RouterConfig, backbone: Backbone, folders: list[Pa
     states_seconds = time.perf_counter() - start
     K = len(cfg.dimensions)
     gamma = torch.tensor(cfg.gamma, dtype=torch.float32) if cfg.gamma else torch.full((K,), 1.0 / K)
+    model.router.standardise(states)
     steps = fit_head(model, states, train_labels, gamma / gamma.sum(), cfg.loss.as_dict(), cfg.head_train)
     with torch.no_grad():
         dev_accuracy = (model.router(dev_states).argmax(-1) == dev_labels).float().mean().item()
@@ -335,24 +336,22 @@ def prompt_batches(backbone: Backbone, prompts: list[str], max_length: int, batc
 @torch.no_grad()
 def pooled_states(model: MoCaEModel, backbone: Backbone, prompts: list[str], max_length: int, batch_size: int = 16,
                   cache: dict | None = None, desc: str | None = None) -> torch.Tensor:
-    """What the sequence router head reads of each prompt [N, F], computed once per (pooling, prompts) in `cache`.
+    """What the sequence router head reads of each prompt [N, F], each prompt computed once in `cache`.
 
     The states depend on the backbone, the pooling config and the tokens only, never on the head: routers that
-    share those share one pass. Prompts are batched by length (little padding) and returned in order."""
+    share those share one pass, and so do the training, dev and calibration sets that share prompts. `cache`
+    maps a pooling config to {prompt: state}. Prompts are batched by length (little padding)."""
     c = model.config
-    key = (c.pool_layer, tuple(c.pool_layers), c.pooling, c.normalize_hidden, max_length, tuple(prompts))
-    if cache is not None and key in cache:
-        return cache[key]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    parts = []
-    with tqdm(total=len(prompts), desc=desc or "routing states", unit="prompt", disable=len(prompts) < 64) as bar:
-        for batch in prompt_batches(backbone, [prompts[i] for i in order], max_length, batch_size):
-            parts.append(model.pooled_prompt(*batch))  # [b, F]
-            bar.update(len(batch[0]))
-    states = torch.cat(parts)[torch.argsort(torch.tensor(order))]  # [N, F], back in the prompts' order
-    if cache is not None:
-        cache[key] = states
-    return states
+    key = (c.pool_layer, tuple(c.pool_layers), c.pooling, c.normalize_hidden, max_length)
+    known = {} if cache is None else cache.setdefault(key, {})
+    todo = sorted({p for p in prompts if p not in known}, key=len)
+    with tqdm(total=len(todo), desc=desc or "routing states", unit="prompt", disable=len(todo) < 64) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = next(prompt_batches(backbone, chunk, max_length, batch_size))
+            known.update(zip(chunk, model.pooled_prompt(*batch)))  # [b, F]
+            bar.update(len(chunk))
+    return torch.stack([known[p] for p in prompts])  # [N, F]
 
 
 @torch.no_grad()

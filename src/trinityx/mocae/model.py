@@ -426,5 +426,6 @@ class MoCaEModel(nn.Module):
                 raise TrinityXError(f"{folder}/mocae_config.json has no backbone: pass backbone_model=")
             backbone_model = load_backbone(config.backbone)
         model = cls(backbone_model, [folder / "experts" / name for name in config.expert_names], config)
-        model.router.load_state_dict(load_file(folder / "router.safetensors"))
+        # Folders saved before the sequence router standardised its inputs lack those buffers: they keep 0 and 1.
+        model.router.load_state_dict({**model.router.state_dict(), **load_file(folder / "router.safetensors")})
         return model.eval()

@@ -69,14 +69,27 @@ def gates_from_logits(
 
 
 class SequenceRouter(nn.Module):
-    """z = head(pooled prompt state): [B, D] -> [B, K]."""
+    """z = head((pooled prompt state - mean) / std): [B, F] -> [B, K].
+
+    `feature_mean` and `feature_std` are fixed statistics of the routing data's states (set by `standardise`
+    before training; 0 and 1 until then). Standardised inputs let one weight decay fit every feature's scale:
+    a linear probe on raw states over-weights the few large dimensions."""
 
     def __init__(self, d_model: int, n_experts: int, hidden: int = 0):
         super().__init__()
         self.head = build_head(d_model, n_experts, hidden)
+        self.register_buffer("feature_mean", torch.zeros(d_model))
+        self.register_buffer("feature_std", torch.ones(d_model))
+
+    @torch.no_grad()
+    def standardise(self, states: Tensor) -> None:
+        """Fix the input statistics to those of `states` [N, F] (the routing data's training states)."""
+        self.feature_mean.copy_(states.float().mean(0))
+        self.feature_std.copy_(states.float().std(0) + 1e-4)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.head(pooled.float())  # [B, K]; the router runs in float32 whatever the backbone dtype
+        # The router runs in float32 whatever the backbone dtype.
+        return self.head((pooled.float() - self.feature_mean) / self.feature_std)  # [B, K]
 
 
 class TokenRouter(nn.Module):
