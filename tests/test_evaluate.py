@@ -428,3 +428,18 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
     assert same["mc2"]["verdict"] == "tie" and abs(same["mc2"]["difference"]) < 1e-3
     against = paired_comparison(item_values(out), mine, seed=0, n_boot=50)
     assert against["win_rate"]["n"] == 3 and len(against["lc_win_rate"]["ci95"]) == 2
+
+
+def test_caller_gates_reuse_a_shared_primer_exactly(run, backbone):
+    from trinityx.generation import loglikelihoods
+
+    s = load_system("trinityx", run, backbone)
+    contexts = [qa_prompt("what is a fox?")] * 2 + [qa_prompt("who is a fox?")] * 2
+    continuations = [" a dog", " an animal", " nobody", " a fox"]
+    gates = torch.tensor([[0.2, 0.5, 0.3]]).expand(4, -1)
+    together = loglikelihoods(s, contexts, continuations, gates=gates)  # the second context reuses the primer
+    alone = [loglikelihoods(s, [c], [x], gates=gates[:1])[0] for c, x in zip(contexts, continuations)]
+    assert together == pytest.approx(alone, abs=1e-4)
+    other = loglikelihoods(s, contexts[:1], continuations[:1], gates=torch.tensor([[1.0, 0.0, 0.0]]))[0]
+    assert other != pytest.approx(together[0], abs=1e-4)  # the gates reach the scores
+    s.close()

@@ -68,6 +68,9 @@ class EvaluateConfig:
     """Axes to evaluate, comma-separated, in order (helpful, harmless, honest)."""
     limit: int | None = None
     """Evaluate only the first N items of each data set (None: all)."""
+    mc_limit: int | None = None
+    """TruthfulQA MC1/MC2 on the first N test questions (None: as --limit). Log-likelihoods cost far less than
+    generated answers, so a profile can score more of them."""
     run: Path | None = None
     """Run folder written by the pipeline (adapters, MoCaE folders, run.json)."""
     backbone: str | None = None
@@ -382,7 +385,7 @@ def side_file(out: Path, suffix: str) -> Path:
 
 
 def score_axis(axis, system, judges, data_root, *, limit, shard, seed, reference, answer_settings, qa_settings,
-               cache_dir, mc_batch_size) -> dict:
+               cache_dir, mc_batch_size, mc_limit=None) -> dict:
     """One shard's per-item records of an axis, the judges' records, and the data's provenance."""
     first = slice(None, limit)
     if axis == "helpful":
@@ -398,7 +401,7 @@ def score_axis(axis, system, judges, data_root, *, limit, shard, seed, reference
         part["data"] = {"dataset": "beavertails-evaluation", "file": data.BEAVERTAILS_EVAL_FILE,
                         "split": "all (evaluation only)", "n_items": len(prompts)}
     else:
-        mc_questions = data.load_truthfulqa_mc(data_root, "test")[first]
+        mc_questions = data.load_truthfulqa_mc(data_root, "test")[:mc_limit if mc_limit is not None else limit]
         questions = data.load_truthfulqa(data_root, "test")[first]
         part = score_honest(system, mc_questions, shard.take(len(mc_questions)), questions,
                             shard.take(len(questions)), judges["truth"], judges["info"], settings=qa_settings,
@@ -431,7 +434,8 @@ def finish_axis(axis: str, part: dict, out: Path, seed: int, n_boot: int) -> dic
 
 
 def evaluate(system, axes=AXES, limit: int | None = None, out: str | Path = "eval.json", seed: int = 0,
-             judges_dir: str | Path | None = None, *, data_dir=None, judges: dict | None = None,
+             judges_dir: str | Path | None = None, *, mc_limit: int | None = None, data_dir=None,
+             judges: dict | None = None,
              judge_overrides: dict[str, str] | None = None, reference: str = "gpt4_1106_preview",
              bootstrap: int = 1000, max_new_tokens: int = 256, answer_tokens: int = 50, batch_size: int = 8,
              mc_batch_size: int = 32, cache_dir: str | Path | None = None, config: dict | None = None,
@@ -446,8 +450,9 @@ def evaluate(system, axes=AXES, limit: int | None = None, out: str | Path = "eva
     unknown = [a for a in axes if a not in AXES]
     if unknown or not axes:
         raise TrinityXError(f"--axes {','.join(axes)}: choose from {', '.join(AXES)}")
-    if limit is not None and limit < 1:
-        raise TrinityXError(f"--limit {limit}: give a positive number of items, or no --limit for all")
+    for flag, value in (("--limit", limit), ("--mc-limit", mc_limit)):
+        if value is not None and value < 1:
+            raise TrinityXError(f"{flag} {value}: give a positive number of items, or no {flag} for all")
     out = Path(out)
     data_root = data.resolve_data_dir(data_dir)
     # Judges first: a missing judge fails before minutes of generation.
@@ -456,7 +461,7 @@ def evaluate(system, axes=AXES, limit: int | None = None, out: str | Path = "eva
     # TruthfulQA answers continue the QA primer as plain text, as in TruthfulQA and lm-eval's truthfulqa_gen.
     qa_settings = GenerationSettings(max_new_tokens=answer_tokens, stop=ANSWER_STOP, raw=True, batch_size=batch_size,
                                      backend=backend)
-    resolved = {"axes": list(axes), "limit": limit, "seed": seed, "judges_dir": str(resolve_judges_dir(judges_dir)),
+    resolved = {"axes": list(axes), "limit": limit, "mc_limit": mc_limit, "seed": seed, "judges_dir": str(resolve_judges_dir(judges_dir)),
                 "data_dir": str(data_root), "reference": reference, "bootstrap": bootstrap,
                 "helpful_harmless_generation": answer_settings.key(), "honest_generation": qa_settings.key(),
                 "mc_batch_size": mc_batch_size, "batch_size": batch_size, **(config or {})}
@@ -469,7 +474,8 @@ def evaluate(system, axes=AXES, limit: int | None = None, out: str | Path = "eva
         result["shard"] = asdict(shard)
     for axis in axes:
         start = time.perf_counter()
-        part = score_axis(axis, system, judges, data_root, limit=limit, shard=shard, seed=seed, reference=reference,
+        part = score_axis(axis, system, judges, data_root, limit=limit, mc_limit=mc_limit, shard=shard, seed=seed,
+                          reference=reference,
                           answer_settings=answer_settings, qa_settings=qa_settings, cache_dir=cache_dir,
                           mc_batch_size=mc_batch_size)
         part["system"], part["seconds"] = system.name, time.perf_counter() - start
@@ -574,7 +580,8 @@ def evaluate_cli(cfg: EvaluateConfig) -> dict:
     device = str(process_state().device) if launched else None
     backbone = load_backbone(name, device=device)
     system = load_system(cfg.system, cfg.run, backbone)
-    result = evaluate(system, cfg.axes, cfg.limit, cfg.out, cfg.seed, cfg.judges, data_dir=cfg.data_dir,
+    result = evaluate(system, cfg.axes, cfg.limit, cfg.out, cfg.seed, cfg.judges, mc_limit=cfg.mc_limit,
+                      data_dir=cfg.data_dir,
                       judge_overrides=overrides, reference=cfg.reference, bootstrap=cfg.bootstrap,
                       max_new_tokens=cfg.max_new_tokens, answer_tokens=cfg.answer_tokens, batch_size=cfg.batch_size,
                       mc_batch_size=cfg.mc_batch_size, cache_dir=cfg.cache_dir,

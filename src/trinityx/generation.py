@@ -222,14 +222,19 @@ class PrefixCache:
 
     TruthfulQA's contexts all start with the same QA primer (about 250 tokens): the primer is computed once per
     system instead of once per question. Exact for causal attention (a prefix's keys and values do not depend
-    on what follows); not used under sequence routing, whose gates depend on the whole context.
+    on what follows). Under sequence routing the keys and values also depend on the gates: a prefix is reused
+    only under the same gates (the oracle's, or one expert's), and never when the system routes each context
+    itself (its gates depend on the whole context).
     """
 
     def __init__(self):
         self.ids: list[int] = []
         self.kv = None
+        self.gates: torch.Tensor | None = None
 
-    def shared(self, ids: list[int]) -> int:
+    def shared(self, ids: list[int], gates: torch.Tensor | None = None) -> int:
+        if (gates is None) != (self.gates is None) or (gates is not None and not torch.equal(gates, self.gates)):
+            return 0
         n = 0
         for a, b in zip(self.ids, ids[:-1]):  # at least the last token is computed anew: its logits are needed
             if a != b:
@@ -247,8 +252,11 @@ def _context_pass(system, context_ids: list[int], reuse: PrefixCache | None, gat
     lm = system.causal_lm()
     ids = torch.tensor([context_ids], device=device)  # [1, T]
     mask = torch.ones_like(ids)
-    gates = system.route(ids, mask) if gates is None else gates  # [1, K] or None
-    n = reuse.shared(context_ids) if reuse is not None and gates is None else 0
+    reusable = reuse is not None
+    if gates is None:
+        gates = system.route(ids, mask)  # [1, K], routed by this whole context, or None (no sequence router)
+        reusable = reusable and gates is None
+    n = reuse.shared(context_ids, gates) if reusable else 0
     with system.gated(gates):
         if n:
             kv = copy.deepcopy(reuse.kv)
@@ -258,8 +266,8 @@ def _context_pass(system, context_ids: list[int], reuse: PrefixCache | None, gat
                      position_ids=torch.arange(n, ids.shape[1], device=device)[None])
         else:
             out = lm(input_ids=ids, attention_mask=mask, use_cache=True)
-    if reuse is not None and gates is None:
-        reuse.ids, reuse.kv = list(context_ids), out.past_key_values
+    if reusable:
+        reuse.ids, reuse.kv, reuse.gates = list(context_ids), out.past_key_values, gates
     return gates, out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
 
 

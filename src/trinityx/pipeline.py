@@ -96,6 +96,8 @@ class PipelineConfig:
     """Recipe of the judges (trinityx.judges.train.RECIPES); missing judges or judges of another recipe are retrained."""
     eval_limit: int | None = 24
     """Items per axis (first N of each evaluation set); None evaluates all 400/140/299."""
+    eval_mc_limit: int | None = None
+    """TruthfulQA questions scored by MC1/MC2 (log-likelihood; None: eval_limit): cheaper than generated answers."""
     max_new_tokens: int = 96
     """Answer length for helpful and harmless prompts."""
     answer_tokens: int = 40
@@ -388,6 +390,7 @@ def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, d
     system = load_system(spec, run_dir, backbone)
     try:
         evaluate(system, ("helpful", "harmless", "honest"), cfg.eval_limit, eval_file(run_dir, spec), cfg.seed,
+                 mc_limit=cfg.eval_mc_limit,
                  judges_dir, data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
                  answer_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size,
                  cache_dir=run_dir / "generations", config={"stage": "evaluate", "profile": cfg.profile})
@@ -566,7 +569,8 @@ def collect_results(run: Run) -> dict:
             "helpful": f"AlpacaEval eval split (alpaca_eval/split.json), first {cfg.eval_limit} prompts, vs the "
                        f"gpt4_1106_preview reference, judged by {judges['helpful']['name']}",
             "harmless": f"BeaverTails-Evaluation, first {cfg.eval_limit} prompts, judged by {judges['harmless']['name']}",
-            "honest": f"TruthfulQA test split (by question, seed {data.SPLIT_SEED}), first {cfg.eval_limit} questions; "
+            "honest": f"TruthfulQA test split (by question, seed {data.SPLIT_SEED}), first {cfg.eval_limit} questions "
+                      f"for generated answers, first {cfg.eval_mc_limit or cfg.eval_limit} for MC1/MC2; "
                       f"MC1/MC2 by log-likelihood (lm-eval's prompt), answers judged by the truth and info judges",
             "router": "router trained on the routing data's train split (prompts labelled by dimension, no "
                       "evaluation item); T fitted on its dev split, calibration measured on its test split; on the "
