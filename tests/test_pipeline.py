@@ -94,8 +94,9 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     assert not (out / "mocae-no-gl").exists()  # only the routers the systems need are trained
     assert set(results["stage_seconds"]) >= set(pipeline.STAGES) - {"report"}
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
-    for name in ("experts/helpful", "datamix", "reference", "merges/dare", "mocae", "mocae-token"):
+    for name in ("experts/helpful", "datamix", "reference", "merges/ties", "mocae", "mocae-token"):
         assert (out / name).is_dir(), name
+    assert not (out / "merges" / "dare").exists()  # merges the systems do not name are not made
 
     capsys.readouterr()
     main(["run", "--config", str(config), "--out", str(out)])  # a rerun redoes nothing

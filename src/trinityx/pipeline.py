@@ -236,9 +236,10 @@ def stage_merges(run: Run, data_dir: Path) -> dict:
 
     experts = [run.dir / "experts" / d for d in data.DIMENSIONS]
     weights = _gamma(run)
-    for method in MERGES:
+    methods = [m for m in MERGES if f"merge:{m}" in run.cfg.systems]  # only the merges the run evaluates
+    for method in methods:
         merge(experts, weights, method, run.dir / "merges" / method, density=run.cfg.merge_density, seed=run.cfg.seed)
-    return {"weights": weights, "methods": list(MERGES)}
+    return {"weights": weights, "methods": methods}
 
 
 def routers_needed(systems) -> list[str]:
@@ -390,8 +391,7 @@ def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, d
     system = load_system(spec, run_dir, backbone)
     try:
         evaluate(system, ("helpful", "harmless", "honest"), cfg.eval_limit, eval_file(run_dir, spec), cfg.seed,
-                 mc_limit=cfg.eval_mc_limit,
-                 judges_dir, data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
+                 judges_dir, mc_limit=cfg.eval_mc_limit, data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
                  answer_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size,
                  cache_dir=run_dir / "generations", config={"stage": "evaluate", "profile": cfg.profile})
     finally:
