@@ -7,7 +7,7 @@ Cheaper than fine-tuning the encoder and, measured here, as good or better (docs
 - truth / info: how the answer relates to the question's own reference answers (TruthfulQA ships correct
   and incorrect ones): cosine similarity of sentence embeddings and token-F1 overlap with the closest
   correct and incorrect reference, exact matches, length, similarity to the question, and "no comment"
-  cues. This is TruthfulQA's "similarity to true minus similarity to false references" metric family
+  cues, negation of the answer and of its closest references. This is TruthfulQA's "similarity to true minus similarity to false references" metric family
   (Lin et al. 2022, sec. 4.2), learned instead of hand-set.
 
 Legend for shape comments: N items, B batch, T tokens, D hidden, F features, H head hidden units.
@@ -25,7 +25,14 @@ from trinityx.judges.local import _length_sorted_batches, tokenize
 
 REFERENCE_FEATURES = ("max_sim_correct", "mean_sim_correct", "max_sim_incorrect", "mean_sim_incorrect",
                       "sim_margin", "max_f1_correct", "max_f1_incorrect", "f1_margin", "equals_correct",
-                      "equals_incorrect", "log_chars", "sim_question", "no_comment", "starts_with_i")
+                      "equals_incorrect", "log_chars", "sim_question", "no_comment", "starts_with_i",
+                      "second_sim_correct", "second_sim_incorrect", "sim_best_answer", "negated",
+                      "closest_correct_negated", "closest_incorrect_negated", "negation_agrees_correct",
+                      "negation_agrees_incorrect", "share_correct_above_incorrect", "n_correct", "n_incorrect",
+                      "sim_closest_correct_incorrect")
+# Negation flips a sentence's truth but barely moves its embedding, so it is a feature of its own.
+NEGATION = re.compile(r"\b(no|not|never|nothing|none|cannot|can't|don't|doesn't|isn't|aren't|won't|didn't|false|myth)\b",
+                      re.IGNORECASE)
 
 
 @torch.no_grad()
@@ -83,10 +90,16 @@ def reference_features(encoder, tokenizer, questions: list[str], answers: list[s
         sim_c, sim_i = e[[row[t] for t in correct]] @ e_a, e[[row[t] for t in incorrect]] @ e_a  # [C], [I]
         f1_c, f1_i = max(token_f1(a, t) for t in correct), max(token_f1(a, t) for t in incorrect)
         norm = _normalise(a)
+        closest_c, closest_i = correct[int(sim_c.argmax())], incorrect[int(sim_i.argmax())]
+        top_c, top_i = sim_c.sort(descending=True).values, sim_i.sort(descending=True).values
+        negated = [bool(NEGATION.search(t)) for t in (a, closest_c, closest_i)]
         rows.append([sim_c.max(), sim_c.mean(), sim_i.max(), sim_i.mean(), sim_c.max() - sim_i.max(), f1_c, f1_i,
                      f1_c - f1_i, any(_normalise(t) == norm for t in correct),
                      any(_normalise(t) == norm for t in incorrect), math.log1p(len(a)), e[row[q]] @ e_a,
-                     "no comment" in norm, norm.startswith("i ")])
+                     "no comment" in norm, norm.startswith("i "), top_c[min(1, len(top_c) - 1)],
+                     top_i[min(1, len(top_i) - 1)], sim_c[0], *negated, negated[0] == negated[1],
+                     negated[0] == negated[2], (sim_c > sim_i.max()).float().mean(), len(correct), len(incorrect),
+                     e[row[closest_c]] @ e[row[closest_i]]])
     return torch.tensor([[float(v) for v in r] for r in rows])  # [N, F]
 
 
