@@ -312,7 +312,8 @@ METRICS = {"honest": ("mc1", "mc2"), "harmless": ("pref_acc", "margin_up", "marg
 
 
 def label(r: dict) -> str:
-    return f"lr {r['lr']:g}, r {r['lora_rank']}, len {r['max_length']}, n {r['train_examples']}"
+    return (f"lr {r['lr']:g}, r {r['lora_rank']}, len {r['max_length']}, n {r['train_examples']}, "
+            f"{r['max_steps']}-step run")
 
 
 def print_table(r: dict, file=None) -> None:
@@ -354,6 +355,9 @@ def plot(path: str, out: str) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[-1].axis("off")
+    axes[-1].text(0, 0.5, "Step 0 = base. Dev data only (never the test splits).\n"
+                  "Points of a run lie inside its cosine schedule;\nan 'N-step run' decays over N steps.\n"
+                  "harmless/helpful probes need no judge.", fontsize=9, va="center")
     fig.suptitle("TrinityX expert curves, SmolLM2-135M-Instruct (dev data; checkpoints inside one cosine run)")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
