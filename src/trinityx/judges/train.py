@@ -55,7 +55,7 @@ _CROSS_ENCODER = {"architecture": "cross-encoder", "max_train": None, "max_eval"
                   "lr": 1e-4}
 _PAIRWISE = {"architecture": "pairwise", "max_train": 1200, "max_eval": 1600, "max_length": 256}
 RECIPES = {
-    # Frozen MiniLM features and a small head: about 15 minutes for all four judges on 2 cores.
+    # Frozen MiniLM features and a small head: 43 minutes for all four on one loaded thread (docs/judges.md).
     "default": {
         # layers -3, -1: MiniLM's 4th and 6th (last) of its 6 layers (negative indices fit any depth).
         "harm": {"architecture": "features", "layers": [-3, -1], "max_length": 256, "hidden": 0, "l2": 4e-4,
