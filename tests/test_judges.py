@@ -329,3 +329,11 @@ def test_validate_judge_flags_a_judge_at_its_trivial_baseline(data_dir):
     helpful = validate_judge(longer, data_dir, "dev")
     assert helpful["agreement"] == pytest.approx(helpful["length_rule_agreement"])
     assert helpful["beats_trivial_baseline"] is False
+
+
+def test_a_feature_judge_of_another_feature_set_stops_with_a_clear_message(tiny_encoder):
+    from trinityx.judges.features import feature_judge
+
+    head = {"mean": torch.zeros(14), "std": torch.ones(14), "w": torch.zeros(14), "b": torch.zeros(())}
+    with pytest.raises(TrinityXError, match="retrain it"):
+        feature_judge("old-truth", "truth", None, None, head, 0.5, {}, {})

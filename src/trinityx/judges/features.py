@@ -154,6 +154,9 @@ def judge_features(kind: str, settings: dict, encoder, tokenizer, firsts: list[s
 def feature_judge(name: str, kind: str, encoder, tokenizer, head: dict[str, torch.Tensor], threshold: float,
                   validity: dict, settings: dict) -> Judge:
     """A Judge around a trained head: P = sigmoid(head(features)); truth/info take references."""
+    if kind != "harm" and head["mean"].shape[0] != len(REFERENCE_FEATURES):
+        raise TrinityXError(f"{name}: its head reads {head['mean'].shape[0]} reference features, this code computes "
+                            f"{len(REFERENCE_FEATURES)}; retrain it with `trinityx train-judges --which {kind}`")
     def score(firsts: list[str], seconds: list[str], references=None) -> list[float]:
         x = judge_features(kind, settings, encoder, tokenizer, firsts, seconds, references)
         return torch.sigmoid(head_logits(head, x)).tolist()
