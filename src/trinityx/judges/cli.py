@@ -37,5 +37,6 @@ def train_judges_cli(cfg: TrainJudgesConfig) -> dict:
     results = train_judges(data.resolve_data_dir(cfg.data_dir), out, which=which, recipe=cfg.recipe,
                            seed=cfg.seed, threads=cfg.threads)
     for kind, r in results.items():
-        print(f"{kind:<8} {r['validity']} ({r['seconds']:.0f} s) -> {out / kind}")
+        v = r["validity"]
+        print(f"{kind:<8} {r['seconds']:.0f} s -> {out / kind}; beats its trivial baseline: {v['beats_trivial_baseline']}")
     return results
