@@ -26,6 +26,17 @@ LAUNCH = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gp
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trinityx"]
 
 
+def close(a, b) -> bool:
+    """Equal JSON values, floats within 1e-5 (relative) of each other."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
+    return a == b
+
+
 @needs_launcher
 def test_two_processes_equal_one(tiny_backbone, data_dir, tmp_path):
     env = ENV
@@ -65,4 +76,5 @@ def test_sharded_evaluation_over_two_processes_equals_one(tiny_backbone, data_di
     # cache dir and output path are the only settings that differ
     assert without_timing(merged, "cache_dir", "out") == without_timing(json.loads(one.read_text()), "cache_dir", "out")
     for name in ("eval.helpful.json", "eval.harmless.json", "eval.honest.json", "eval.model_outputs.json"):
-        assert json.loads((one.parent / name).read_text()) == json.loads((two.parent / name).read_text()), name
+        # Judge scores of a shard's smaller batches differ from one process's in the last float bits (padding).
+        assert close(json.loads((one.parent / name).read_text()), json.loads((two.parent / name).read_text())), name

@@ -62,6 +62,9 @@ class PipelineConfig:
     """Stop after this stage (a later `run` continues from there)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     expert_train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=30, eval_every=15, dev_examples=48))
+    expert_steps: dict[str, int] = field(default_factory=dict)
+    """Optimiser steps of one dimension's expert where it differs from expert_train.max_steps, e.g. {honest: 20}
+    (docs/experts.md: each dimension saturates at its own step count). datamix gets the sum of the experts'."""
     expert_examples: int | None = 240
     """Training examples per dimension (same for every system: the shared data budget)."""
     reference_steps: int = 10
@@ -127,6 +130,10 @@ class PipelineConfig:
                 raise TrinityXError(f"{flag} {stage!r} is not a stage; stages: {', '.join(STAGES)}")
         if not 0 < self.merge_density <= 1:
             raise TrinityXError(f"--merge-density must be in (0, 1], got {self.merge_density}")
+        unknown = set(self.expert_steps) - set(data.DIMENSIONS)
+        if unknown or any(not isinstance(v, int) or v < 1 for v in self.expert_steps.values()):
+            raise TrinityXError(f"--expert-steps {self.expert_steps}: give a positive step count per dimension "
+                                f"({', '.join(data.DIMENSIONS)}), e.g. {{honest: 20}}")
         if self.eval_workers < 1:
             raise TrinityXError(f"--eval-workers must be at least 1, got {self.eval_workers}")
 
@@ -178,6 +185,10 @@ def _dev_examples(cfg: PipelineConfig, data_dir: Path, dimensions):
                                                        cfg.expert_train.dev_examples // len(dimensions), cfg.seed)]
 
 
+def expert_steps(cfg: PipelineConfig, dimension: str) -> int:
+    return cfg.expert_steps.get(dimension, cfg.expert_train.max_steps)
+
+
 def stage_experts(run: Run, data_dir: Path) -> dict:
     cfg, logs = run.cfg, {}
     backbone = run.backbone()
@@ -186,7 +197,7 @@ def stage_experts(run: Run, data_dir: Path) -> dict:
         if not (out / "train_log.json").is_file():
             train_lora(backbone, _train_examples(cfg, data_dir, dimension),
                        subsample(data.load_sft(dimension, data_dir, "dev"), cfg.expert_train.dev_examples, cfg.seed),
-                       cfg.lora, replace(cfg.expert_train, seed=cfg.seed), out,
+                       cfg.lora, replace(cfg.expert_train, seed=cfg.seed, max_steps=expert_steps(cfg, dimension)), out,
                        {"stage": "experts", "dimension": dimension, "backbone": cfg.backbone}, f"expert:{dimension}")
         log = json.loads((out / "train_log.json").read_text())
         logs[dimension] = {"dev_loss_base": log["dev_loss_before"], "dev_loss_expert": log["dev_loss_after"]}
@@ -198,7 +209,7 @@ def stage_datamix(run: Run, data_dir: Path) -> dict:
     cfg = run.cfg
     out = run.dir / "datamix"
     train = [e for d in data.DIMENSIONS for e in _train_examples(cfg, data_dir, d)]
-    steps = cfg.expert_train.max_steps * len(data.DIMENSIONS)
+    steps = sum(expert_steps(cfg, d) for d in data.DIMENSIONS)
     train_cfg = replace(cfg.expert_train, max_steps=steps, seed=cfg.seed,
                         eval_every=cfg.expert_train.eval_every * len(data.DIMENSIONS))
     log = train_lora(run.backbone(), train, _dev_examples(cfg, data_dir, data.DIMENSIONS), cfg.lora, train_cfg, out,

@@ -1,0 +1,128 @@
+"""Which frozen prompt states route best? Linear probes on SmolLM2's hidden states, per layer and pooling.
+
+    OMP_NUM_THREADS=1 python benchmarks/router_probe.py features --data-dir ../shared/data --out runs/probe/states.pt
+    python benchmarks/router_probe.py probe runs/probe/states.pt
+
+`features` runs the bare backbone once over every routing prompt (the built-in sources of
+`trinityx.data.ROUTING_SOURCES`, all splits, PKU-SafeRLHF subsampled to 1,500) and over the three evaluation
+sets (AlpacaEval eval, BeaverTails-Evaluation, TruthfulQA test), each prompt in the chat format the model
+sees, and keeps the RMS-normalised mean state and last-token state at several layers. `probe` fits a
+class-balanced, standardised multinomial logistic regression (L-BFGS, L2) on the routing split `train` and
+prints the accuracy on the routing split `test` and on each evaluation set against its own dimension: the
+numbers of docs/routing.md. The pipeline's router (`fit-router --phase states`) trains the same kind of head
+on the same states with AdamW; this script only compares inputs.
+"""
+
+import argparse
+import time
+
+import torch
+
+from trinityx import data
+from trinityx.backbones import format_prompt, load_backbone
+
+LAYERS = (4, 8, 12, 15, 20, 30)
+CONFIGS = [((15,), "mean"), ((15,), "last"), ((15,), "mean+last"), ((8,), "mean"), ((8, 15), "mean+last"),
+           ((4, 8, 12, 15), "mean"), ((20,), "last"), ((30,), "last")]
+EVAL_SETS = {"alpaca_eval": 0, "beavertails": 1, "truthfulqa": 2}
+
+
+def prompt_sets(data_dir) -> dict[str, tuple[list[str], int]]:
+    """{name: (prompts, dimension index)}: the routing prompts of every split, then the evaluation sets."""
+    routing = [p for split in data.SPLITS for p in data.load_routing_prompts(data_dir, split)[0]]
+    harmless = [p for p in routing if p.dimension == "harmless"]
+    harmless = [harmless[i] for i in torch.randperm(len(harmless), generator=torch.Generator().manual_seed(0))[:1500]]
+    routing = [p for p in routing if p.dimension != "harmless"] + harmless
+    sets = {"routing": ([p.prompt for p in routing], [data.DIMENSIONS.index(p.dimension) for p in routing])}
+    sets["alpaca_eval"] = [it.instruction for it in data.load_alpaca_eval(data_dir, "eval")]
+    sets["beavertails"] = [p.prompt for p in data.load_safety_prompts(data_dir)]
+    sets["truthfulqa"] = [q.question for q in data.load_truthfulqa(data_dir, "test")]
+    return sets
+
+
+@torch.inference_mode()
+def features(args) -> None:
+    torch.set_num_threads(args.threads)
+    backbone = load_backbone(args.backbone)
+    sets = prompt_sets(data.resolve_data_dir(args.data_dir))
+    out, start = {"sets": sets, "layers": LAYERS, "states": {}}, time.perf_counter()
+    for name, value in sets.items():
+        prompts = value[0] if name == "routing" else value
+        states = {(layer, pool): [] for layer in LAYERS for pool in ("mean", "last")}
+        for prompt in prompts:
+            ids = backbone.tokenizer(format_prompt(backbone.tokenizer, backbone.prompt_format, prompt),
+                                     add_special_tokens=False).input_ids[-256:]
+            hidden = backbone.model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for layer in LAYERS:
+                x = hidden[layer][0].float()
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # as the router reads it
+                states[(layer, "mean")].append(x.mean(0))
+                states[(layer, "last")].append(x[-1])
+        out["states"][name] = {k: torch.stack(v) for k, v in states.items()}
+        print(f"{name}: {len(prompts)} prompts, {time.perf_counter() - start:.0f} s", flush=True)
+    torch.save(out, args.out)
+
+
+def design(states, layers, pooling) -> torch.Tensor:
+    return torch.cat([states[(layer, pool)] for layer in layers for pool in pooling.split("+")], -1)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float):
+    """Class-balanced, standardised multinomial logistic regression by L-BFGS; returns a predict function."""
+    mean, std = x.mean(0), x.std(0) + 1e-4
+    z = (x - mean) / std
+    counts = torch.bincount(y).float()
+    weight = (1 / counts) / (1 / counts).sum() * len(counts)
+    W = torch.zeros(z.shape[1], len(counts), requires_grad=True)
+    b = torch.zeros(len(counts), requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ W + b, y, weight=weight) + l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda v: (((v - mean) / std) @ W.detach() + b.detach()).argmax(-1)
+
+
+def probe(args) -> None:
+    import json
+
+    saved = torch.load(args.states)
+    prompts, labels = saved["sets"]["routing"]
+    labels = torch.tensor(labels)
+    split = [data.split_of(p, data.ROUTING_FRACTIONS, data.ROUTING_SPLIT_SEED) for p in prompts]
+    train = torch.tensor([s != "test" for s in split])
+    print(f"{'layers':<14} {'pooling':<10} {'l2':>6} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
+    for layers, pooling in CONFIGS:
+        for l2 in args.l2:
+            x = design(saved["states"]["routing"], layers, pooling)
+            predict = fit_probe(x[train], labels[train], l2)
+            row = {"layers": list(layers), "pooling": pooling, "l2": l2,
+                   "routing_test": (predict(x[~train]) == labels[~train]).float().mean().item()}
+            for name, k in EVAL_SETS.items():
+                row[name] = (predict(design(saved["states"][name], layers, pooling)) == k).float().mean().item()
+            print(f"{','.join(map(str, layers)):<14} {pooling:<10} {l2:>6} {row['routing_test']:>12.3f} "
+                  + " ".join(f"{row[n]:>12.3f}" for n in EVAL_SETS))
+            print(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("features")
+    f.add_argument("--data-dir", default=None)
+    f.add_argument("--backbone", default="smollm2-135m")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--out", default="runs/probe/states.pt")
+    p = sub.add_parser("probe")
+    p.add_argument("states")
+    p.add_argument("--l2", type=float, nargs="+", default=[1e-3, 1e-2])
+    args = parser.parse_args()
+    features(args) if args.command == "features" else probe(args)
+
+
+if __name__ == "__main__":
+    main()
