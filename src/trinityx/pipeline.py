@@ -274,6 +274,7 @@ def stage_router(run: Run, data_dir: Path) -> dict:
         router_cfg = RouterConfig(experts=run.dir / "experts", out=out, backbone=cfg.backbone, data_dir=str(data_dir),
                                   router=change.get("router", "sequence"), gamma=tuple(_gamma(run)), phase=phase,
                                   per_dimension=cfg.routing_per_dimension if phase == "states" else cfg.expert_examples,
+                                  dev_per_dimension=cfg.calibrate_examples,  # = calibration's fit set: one pass
                                   routing_files=cfg.routing_files, overwrite=True, loss=loss,
                                   pool_layer=cfg.router_pool_layer, pool_layers=cfg.router_pool_layers,
                                   pooling=cfg.router_pooling, head_hidden=cfg.router_head_hidden,
@@ -547,7 +548,8 @@ def collect_results(run: Run) -> dict:
               "brier_after": calibration["after"]["brier"], "nll_before": calibration["before"]["nll"],
               "nll_after": calibration["after"]["nll"], "temperature": calibration["temperature"],
               "n": calibration["n_test"], "confusion_matrix": calibration["confusion_matrix"],
-              "dimensions": calibration["dimensions"], "fit_split": "dev", "measure_split": "test",
+              "dimensions": calibration["dimensions"], "fit_split": calibration["fit_split"],
+              "measure_split": calibration["measure_split"],
               "reliability_before_png": "mocae/reliability_before.png",
               "reliability_after_png": "mocae/reliability_after.png"}
     base = systems.get("base", {})

@@ -97,6 +97,8 @@ class RouterConfig:
     """Also train the experts' LoRA weights jointly with the router (lm phase)."""
     per_dimension: int | None = 200
     """Training examples (lm phase) or routing prompts (states phase) per dimension (seeded subset); None: all."""
+    dev_per_dimension: int | None = 100
+    """Routing dev prompts per dimension the states phase reports accuracy on (None: all)."""
     overwrite: bool = False
     """Replace an existing output folder."""
     loss: Annotated[RouterLoss, tyro.conf.OmitArgPrefixes] = field(default_factory=RouterLoss)
@@ -223,18 +225,20 @@ def fit_router(cfg: RouterConfig, backbone: Backbone | None = None, pooled_cache
     return log
 
 
-def routing_set(data_dir: Path, split: str, cfg: RouterConfig, order: dict[str, int],
-                per_dimension: int | None = None) -> tuple[list[str], torch.Tensor, dict]:
-    """(prompts, labels [N], record) of a routing split, at most `per_dimension` per dimension (seeded)."""
-    prompts, record = data.load_routing_prompts(data_dir, split, cfg.routing_sources, cfg.routing_files,
-                                                tuple(order))
-    rng = torch.Generator().manual_seed(cfg.head_train.seed)
+def routing_set(data_dir: Path, split: str, sources, files, order: dict[str, int], per_dimension: int | None,
+                seed: int) -> tuple[list[str], torch.Tensor, dict]:
+    """(prompts, labels [N], record) of a routing split, at most `per_dimension` per dimension (seeded).
+
+    The router's dev set and calibration's fit set are both drawn here with the run's seed, so the same
+    prompts come out and their states are computed once."""
+    prompts, record = data.load_routing_prompts(data_dir, split, sources, files, tuple(order))
+    rng = torch.Generator().manual_seed(seed)
     chosen = []
     for dimension in order:
         rows = [p for p in prompts if p.dimension == dimension]
         if not rows:
-            raise TrinityXError(f"routing split {split!r} has no {dimension!r} prompt (sources {list(cfg.routing_sources)}, "
-                                f"files {list(cfg.routing_files)}); add a source or a file that covers it")
+            raise TrinityXError(f"routing split {split!r} has no {dimension!r} prompt (sources {list(sources)}, "
+                                f"files {list(files)}); add a source or a file that covers it")
         if per_dimension is not None and len(rows) > per_dimension:
             rows = [rows[i] for i in sorted(torch.randperm(len(rows), generator=rng)[:per_dimension].tolist())]
         chosen += rows
@@ -293,8 +297,11 @@ def fit_router_on_states(cfg: RouterConfig, backbone: Backbone, folders: list[Pa
     out = Path(cfg.out)
     start = time.perf_counter()
     order = {d: k for k, d in enumerate(cfg.dimensions)}
-    train_prompts, train_labels, train_record = routing_set(data_dir, "train", cfg, order, cfg.per_dimension)
-    dev_prompts, dev_labels, dev_record = routing_set(data_dir, "dev", cfg, order)
+    sources, files, seed = cfg.routing_sources, cfg.routing_files, cfg.head_train.seed
+    train_prompts, train_labels, train_record = routing_set(data_dir, "train", sources, files, order,
+                                                            cfg.per_dimension, seed)
+    dev_prompts, dev_labels, dev_record = routing_set(data_dir, "dev", sources, files, order, cfg.dev_per_dimension,
+                                                      seed)
     torch.manual_seed(cfg.head_train.seed)
     model = build_mocae(backbone, folders, cfg)
     cache = {} if pooled_cache is None else pooled_cache
@@ -422,15 +429,9 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     order = {d: k for k, d in enumerate(model.config.expert_dims)}
     sets = {}
     for split, n in (("dev", cfg.fit_examples), ("test", cfg.test_examples)):
-        rows, _ = data.load_routing_prompts(data_dir, split, cfg.routing_sources, cfg.routing_files, tuple(order))
-        prompts, labels = [r.prompt for r in rows], torch.tensor([order[r.dimension] for r in rows])
-        chosen = []
-        for k in range(len(order)):  # a balanced subset: n prompts per dimension
-            idx = (labels == k).nonzero().flatten()
-            chosen += idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))[:n]].tolist()
-        logits = prompt_gate_logits(model, backbone, [prompts[i] for i in chosen], cfg.max_length,
-                                    pooled_cache=pooled_cache)
-        sets[split] = (logits, labels[chosen])
+        # At most n prompts per dimension, drawn as fit-router draws its dev set (the same seed gives the same ones).
+        prompts, labels, _ = routing_set(data_dir, split, cfg.routing_sources, cfg.routing_files, order, n, cfg.seed)
+        sets[split] = (prompt_gate_logits(model, backbone, prompts, cfg.max_length, pooled_cache=pooled_cache), labels)
     report = calibration_report(*sets["dev"], *sets["test"])
     if cfg.no_calibration:
         report["temperature"] = 1.0
