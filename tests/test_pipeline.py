@@ -86,6 +86,10 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     assert results["paired"]["expert:honest"]["base"]["mc2"]["verdict"] in ("win", "tie", "loss")
     d = results["paired"]["trinityx"]["base"]["win_rate"]
     assert d["n"] == 3 and d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    every = results["router"]["evaluation_sets"]  # every evaluation item, routed in the calibration stage
+    assert {name: r["n"] for name, r in every.items()} == {"alpaca_eval": 10, "beavertails": 28, "truthfulqa": 12}
+    assert all(sum(r["argmax_counts"].values()) == r["n"] for r in every.values())
+    assert "Every item of" in (out / "report.md").read_text()
     oracle = json.loads(pipeline.eval_file(out, "trinityx:oracle").read_text())["axes"]
     assert all(oracle[axis]["routing"]["accuracy"] == 1.0 for axis in ("helpful", "harmless", "honest"))
     # The router trained on cached states of the routing data (no evaluation item among them).

@@ -550,6 +550,7 @@ def collect_results(run: Run) -> dict:
               "n": calibration["n_test"], "confusion_matrix": calibration["confusion_matrix"],
               "dimensions": calibration["dimensions"], "fit_split": calibration["fit_split"],
               "measure_split": calibration["measure_split"],
+              "evaluation_sets": calibration.get("evaluation_sets", {}),
               "reliability_before_png": "mocae/reliability_before.png",
               "reliability_after_png": "mocae/reliability_after.png"}
     base = systems.get("base", {})

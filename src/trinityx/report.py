@@ -782,6 +782,16 @@ def routing_blocks(results: dict, figures: dict) -> list:
                         "it; never TruthfulQA's QA primer). Routing accuracy: the share whose highest gate is the "
                         "set's own dimension; routed to: the argmax counts (the set's row of the confusion matrix).",
                         align="llrrrrr"[:2] + "r" * (3 + len(dims)))
+    every = (results.get("router") or {}).get("evaluation_sets") or {}
+    if every:
+        rows = [[code(name), code(r.get("dimension")), fmt_num(r.get("n")), fmt_num(r.get("accuracy")),
+                 " / ".join(fmt_num((r.get("argmax_counts") or {}).get(k)) for k in dims),
+                 *[fmt_num((r.get("mean_gates") or {}).get(k)) for k in dims]] for name, r in every.items()]
+        table += table_block(["Every item of", "Its dimension", "n", "Routing accuracy", f"Routed to ({' / '.join(dims)})",
+                              *[f"mean gate {k}" for k in dims]], rows,
+                             "Source: results.json `router.evaluation_sets`: the calibrated `trinityx` router on every "
+                             "item of each evaluation set (all 400 / 140 / 299, whatever the run's item limit), each "
+                             "routed from its request, at the fitted temperature; none of them is routing data.")
     if figures["routing_heatmap"] is None:
         return blocks + table
     figure = [("figures", [(f"figures/{figures['routing_heatmap']}",

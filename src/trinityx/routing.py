@@ -407,6 +407,9 @@ class CalibrateConfig:
     """More routing data: JSON or JSON-lines files of {"prompt", "dimension"} rows (as in `fit-router`)."""
     no_calibration: bool = False
     """Ablation: keep T = 1 (no fit); the metrics are still measured."""
+    evaluation_sets: bool = True
+    """Also route every item of the three evaluation sets by its request (sequence routers) and record, per set,
+    the accuracy against the set's own dimension, the argmax counts and the mean gates at the fitted T."""
     max_length: int = 256
     """Longest prompt in tokens."""
     seed: int = 0
@@ -440,6 +443,8 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
                    "routing_sources": list(cfg.routing_sources), "routing_files": list(cfg.routing_files),
                    "dimensions": model.config.expert_dims, "seed": cfg.seed, "data_dir": str(data_dir)})
     T = report["temperature"]
+    if cfg.evaluation_sets:
+        report["evaluation_sets"] = route_evaluation_sets(model, backbone, data_dir, T, cfg.max_length, pooled_cache)
     logits_test, labels_test = sets["test"]
     reliability_diagram(torch.softmax(logits_test, -1), labels_test, run / "reliability_before.png",
                         title="router, T = 1 (test prompts)")
@@ -448,10 +453,40 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     write_json(run / "calibration.json", report)
     config["temperature"] = T
     write_json(run / "mocae_config.json", config)
+    for name, r in report.get("evaluation_sets", {}).items():
+        print(f"routing of all {r['n']} {name} items: accuracy {r['accuracy']:.3f}, routed to {r['argmax_counts']}")
     print(f"router calibration on {len(labels_test)} test prompts: T = {T:.3f}; accuracy {report['accuracy']:.3f}; "
           f"ECE {report['before']['ece']:.4f} -> {report['after']['ece']:.4f}, Brier {report['before']['brier']:.4f} -> "
           f"{report['after']['brier']:.4f}, NLL {report['before']['nll']:.4f} -> {report['after']['nll']:.4f}")
     return report
+
+
+EVALUATION_SETS = {"alpaca_eval": "helpful", "beavertails": "harmless", "truthfulqa": "honest"}
+
+
+def evaluation_requests(data_dir: Path) -> dict[str, list[str]]:
+    """Every evaluation item's request as a user writes it: AlpacaEval eval instructions, BeaverTails-Evaluation
+    prompts, TruthfulQA test questions (without the QA primer the MC and generation prompts put before them)."""
+    return {"alpaca_eval": [it.instruction for it in data.load_alpaca_eval(data_dir, "eval")],
+            "beavertails": [p.prompt for p in data.load_safety_prompts(data_dir)],
+            "truthfulqa": [q.question for q in data.load_truthfulqa(data_dir, "test")]}
+
+
+def route_evaluation_sets(model: MoCaEModel, backbone: Backbone, data_dir: Path, temperature: float,
+                          max_length: int, pooled_cache: dict | None = None) -> dict:
+    """{set: routing summary} of a sequence router over every item of each evaluation set (gates at T). The
+    router never saw these prompts (they are excluded from the routing data); this is how it routes them."""
+    from trinityx.evaluate import routing_summary
+
+    if model.config.router != "sequence":
+        return {}
+    out = {}
+    for name, requests in evaluation_requests(data_dir).items():
+        gates = torch.softmax(prompt_gate_logits(model, backbone, requests, max_length, pooled_cache=pooled_cache)
+                              / temperature, -1)  # [N, K]
+        out[name] = routing_summary([{"gates": g} for g in gates.tolist()], EVALUATION_SETS[name],
+                                    list(model.config.expert_dims))
+    return out
 
 
 @dataclass
