@@ -208,11 +208,10 @@ def dev_probe(dimension: str, data_dir: Path, args):
 
 def run(args) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from trinityx import data
     from trinityx.backbones import load_backbone
-    from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, subsample
+    from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model, subsample
     from trinityx.systems import System
     from trinityx.train import TrainConfig, fit
 
@@ -231,11 +230,7 @@ def run(args) -> dict:
     dev = subsample(data.load_sft(args.dimension, data_dir, "dev"), cfg.dev_examples, cfg.seed)
 
     # As trinityx.experts.train_lora does, minus writing the adapter.
-    torch.manual_seed(cfg.seed)
-    peft_config = LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                             target_modules=list(backbone.lora_targets), task_type="CAUSAL_LM")
-    model = get_peft_model(backbone.model, peft_config)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model, params = lora_model(backbone, lora, cfg.seed)
     train_enc = encode_examples(backbone, train, cfg.max_length)
     dev_enc = encode_examples(backbone, dev, cfg.max_length)
 

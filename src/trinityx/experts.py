@@ -80,14 +80,19 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def train_lora(backbone: Backbone, train: list[data.SFTExample], dev: list[data.SFTExample], lora: LoraSettings,
-               cfg: TrainConfig, out: Path, extra_config: dict, desc: str) -> dict:
-    """Fit one LoRA adapter on SFT examples and write it to `out` atomically; returns the training log."""
-    torch.manual_seed(cfg.seed)
+def lora_model(backbone: Backbone, lora: LoraSettings, seed: int):
+    """(PEFT model, its trainable parameters by name): a fresh, seeded LoRA on the backbone's targets."""
+    torch.manual_seed(seed)
     peft_config = LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                              target_modules=list(backbone.lora_targets), task_type="CAUSAL_LM")
     model = get_peft_model(backbone.model, peft_config)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_lora(backbone: Backbone, train: list[data.SFTExample], dev: list[data.SFTExample], lora: LoraSettings,
+               cfg: TrainConfig, out: Path, extra_config: dict, desc: str) -> dict:
+    """Fit one LoRA adapter on SFT examples and write it to `out` atomically; returns the training log."""
+    model, params = lora_model(backbone, lora, cfg.seed)
     train_enc = encode_examples(backbone, train, cfg.max_length)
     dev_enc = encode_examples(backbone, dev[: cfg.dev_examples], cfg.max_length)
     work = partial_dir(out)

@@ -677,7 +677,8 @@ def paired_blocks(results: dict) -> list:
     for c in columns:
         words = [paired(results, OURS, s, c.metric) for s in others]
         words = [d["verdict"] for d in words if d is not None]
-        tally.append(f"{words.count('win')} / {words.count('tie')} / {words.count('loss')}")
+        tally.append(NOT_MEASURABLE if unmeasurable_judges(results, c.metric) else
+                     f"{words.count('win')} / {words.count('tie')} / {words.count('loss')}")
     rows.append(["**wins / ties / losses**", *tally])
     note = ("Each cell: `trinityx` minus the row's system on the same items (percentage points), the paired "
             "bootstrap 95% interval of that difference, and the verdict (win or loss only when the interval "
