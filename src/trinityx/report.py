@@ -439,19 +439,23 @@ def draw_radar(results: dict, path: Path) -> list[str] | None:
     if not rows:
         return None
     angles = np.linspace(0, 2 * np.pi, len(HEADLINE), endpoint=False).tolist()
+    # Each axis spans its own lowest to highest value among the plotted systems (win rates near 1% and safety
+    # scores near 60% would otherwise leave one axis a dot); the labels give the range.
+    ranges = [(min(v[k] for _, v in rows), max(v[k] for _, v in rows)) for k in range(len(HEADLINE))]
     fig = Figure(figsize=(4.8, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(projection="polar")
     for s, values in rows:
         ours = s == OURS
-        ax.plot(angles + angles[:1], values + values[:1], linewidth=2.4 if ours else 1.2,
+        radii = [0.2 + 0.8 * (v - lo) / (hi - lo) if hi > lo else 0.6 for v, (lo, hi) in zip(values, ranges)]
+        ax.plot(angles + angles[:1], radii + radii[:1], linewidth=2.4 if ours else 1.2,
                 linestyle="-" if ours else "--", marker="o", markersize=3, label=s)
         if ours:
-            ax.fill(angles + angles[:1], values + values[:1], alpha=0.15)
+            ax.fill(angles + angles[:1], radii + radii[:1], alpha=0.15)
     ax.set_xticks(angles)
-    ax.set_xticklabels([c.label for c in HEADLINE])
-    ax.set_ylim(0, 100)
-    ax.set_rlabel_position(90)
+    ax.set_xticklabels([f"{c.label}\n{lo:.1f}–{hi:.1f}" for c, (lo, hi) in zip(HEADLINE, ranges)], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_yticklabels([])
     ax.legend(loc="upper left", bbox_to_anchor=(0.92, 1.1), fontsize=7)
     save_figure(fig, path)
     return [s for s, _ in rows]
@@ -806,7 +810,8 @@ def figure_blocks(figures: dict) -> list:
         return blocks + [("p", "No system has both a win rate and a safety score.")]
     items = [(f"figures/{figures['hhh_scatter']}", "Helpfulness vs harmlessness, coloured by truth×info")]
     if figures["hhh_radar"]:
-        items.append((f"figures/{figures['hhh_radar']}", "Headline axes (0–100) of " +
+        items.append((f"figures/{figures['hhh_radar']}", "Headline axes, each scaled from its lowest to its "
+                      "highest value among these systems (range under the label), of " +
                       ", ".join(figures["hhh_radar_systems"])))
     blocks.append(("figures", items))
     if figures["hhh_scatter_left_out"]:
