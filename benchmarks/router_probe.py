@@ -24,7 +24,7 @@ from trinityx.backbones import format_prompt, load_backbone
 LAYERS = (4, 8, 12, 15, 20, 30)
 CONFIGS = [((15,), "mean"), ((15,), "last"), ((15,), "mean+last"), ((8,), "mean"), ((8, 15), "mean+last"),
            ((4, 8, 12, 15), "mean"), ((20,), "last"), ((30,), "last")]
-EVAL_SETS = {"alpaca_eval": 0, "beavertails": 1, "truthfulqa": 2}
+EVAL_SETS = {name: data.DIMENSIONS.index(d) for name, d in data.EVALUATION_SETS.items()}
 
 
 def prompt_sets(data_dir) -> dict[str, tuple[list[str], int]]:
@@ -34,10 +34,7 @@ def prompt_sets(data_dir) -> dict[str, tuple[list[str], int]]:
     harmless = [harmless[i] for i in torch.randperm(len(harmless), generator=torch.Generator().manual_seed(0))[:1500]]
     routing = [p for p in routing if p.dimension != "harmless"] + harmless
     sets = {"routing": ([p.prompt for p in routing], [data.DIMENSIONS.index(p.dimension) for p in routing])}
-    sets["alpaca_eval"] = [it.instruction for it in data.load_alpaca_eval(data_dir, "eval")]
-    sets["beavertails"] = [p.prompt for p in data.load_safety_prompts(data_dir)]
-    sets["truthfulqa"] = [q.question for q in data.load_truthfulqa(data_dir, "test")]
-    return sets
+    return {**sets, **data.evaluation_requests(data_dir)}
 
 
 @torch.inference_mode()
@@ -90,7 +87,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float):
 def probe(args) -> None:
     import json
 
-    saved = torch.load(args.states)
+    saved = torch.load(args.states, weights_only=True)  # tensors, strings and lists only: no code runs
     prompts, labels = saved["sets"]["routing"]
     labels = torch.tensor(labels)
     split = [data.split_of(p, data.ROUTING_FRACTIONS, data.ROUTING_SPLIT_SEED) for p in prompts]

@@ -650,12 +650,22 @@ class RoutingPrompt:
     source: str
 
 
+# Each evaluation set and the dimension it asks for.
+EVALUATION_SETS = {"alpaca_eval": "helpful", "beavertails": "harmless", "truthfulqa": "honest"}
+
+
+def evaluation_requests(data_dir) -> dict[str, list[str]]:
+    """Every evaluation item's request as a user writes it, per set: AlpacaEval eval instructions,
+    BeaverTails-Evaluation prompts, TruthfulQA test questions (without the QA primer the MC and generation
+    prompts put before them)."""
+    return {"alpaca_eval": [it.instruction for it in load_alpaca_eval(data_dir, "eval")],
+            "beavertails": [p.prompt for p in load_safety_prompts(data_dir)],
+            "truthfulqa": [q.question for q in load_truthfulqa(data_dir, "test")]}
+
+
 def evaluation_prompts(data_dir) -> set[str]:
     """The normalised text of every evaluation item (AlpacaEval eval, BeaverTails-Evaluation, TruthfulQA test)."""
-    texts = [it.instruction for it in load_alpaca_eval(data_dir, "eval")]
-    texts += [p.prompt for p in load_safety_prompts(data_dir)]
-    texts += [q.question for q in load_truthfulqa(data_dir, "test")]
-    return {_normalise(t) for t in texts}
+    return {_normalise(t) for texts in evaluation_requests(data_dir).values() for t in texts}
 
 
 def _routing_source(name: str, data_dir) -> list[str]:

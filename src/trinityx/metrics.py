@@ -153,11 +153,15 @@ def paired_difference(a, b, n: int = 1000, seed: int = 0,
     if a.shape != b.shape:
         raise ValueError(f"paired items: a has shape {a.shape}, b {b.shape}; score both systems on the same items")
     statistic = statistic or np.mean
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(a), size=(n, len(a)))  # [n, N]
-    diffs = np.array([statistic(a[i]) - statistic(b[i]) for i in index])
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"difference": float(statistic(a) - statistic(b)), "ci95": [float(lo), float(hi)], "n": len(a)}
+    width = 1 if a.ndim == 1 else a.shape[1]
+    rows = np.column_stack([a, b])  # [N, 2 * width]: item i of both systems in one row, resampled together
+
+    def difference(r: np.ndarray) -> float:
+        first, second = (r[:, 0], r[:, 1]) if a.ndim == 1 else (r[:, :width], r[:, width:])
+        return statistic(first) - statistic(second)
+
+    lo, hi = bootstrap_ci(rows, n, seed, difference)
+    return {"difference": float(difference(rows)), "ci95": [lo, hi], "n": len(a)}
 
 
 def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:

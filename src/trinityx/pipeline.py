@@ -507,8 +507,10 @@ def collect_results(run: Run) -> dict:
                  "majority_baseline": validity("info", "majority_baseline"),
                  "n": validity("info", "n"), "split": validity("info", "split")},
     }
-    for kind, judge in judges.items():
-        judge["measurable"] = judge_beats_baseline(judge)
+    # design.md: a score from a judge that does not beat its trivial baseline (validate_judge's check) is not a
+    # result; None when the validity does not say.
+    for kind, source in (("helpful", "helpful"), ("harmless", "harm"), ("truth", "truth"), ("info", "info")):
+        judges[kind]["measurable"] = validity(source, "beats_trivial_baseline")
     bench = json.loads((run.dir / "bench_inference.json").read_text())["systems"] \
         if (run.dir / "bench_inference.json").is_file() else {}
     systems = {}
@@ -567,7 +569,7 @@ def collect_results(run: Run) -> dict:
     if eval_file(run.dir, "trinityx").is_file():  # how trinityx routed each evaluation set's items
         for axis, record in json.loads(eval_file(run.dir, "trinityx").read_text())["axes"].items():
             if "routing" in record:
-                name = EVAL_SETS[axis]
+                name = next(n for n, dimension in data.EVALUATION_SETS.items() if dimension == axis)
                 routing[name] = record["routing"]["mean_gates"]
                 routing_accuracy[name] = {k: v for k, v in record["routing"].items() if k != "mean_gates"}
     return {
@@ -596,20 +598,6 @@ def collect_results(run: Run) -> dict:
             "seed": cfg.seed, "generation": f"greedy, {cfg.max_new_tokens} new tokens ({cfg.answer_tokens} for TruthfulQA)",
         },
     }
-
-
-EVAL_SETS = {"helpful": "alpaca_eval", "harmless": "beavertails", "truthfulqa": "truthfulqa", "honest": "truthfulqa"}
-
-
-def judge_beats_baseline(judge: dict) -> bool | None:
-    """Whether a judge's held-out validity beats its trivial baseline (majority class; for the pairwise helpful
-    judge the length rule); None when the validity does not say. design.md: a score from a judge that does not
-    beat its baseline is not a result."""
-    if judge.get("agreement") is not None and judge.get("length_rule_agreement") is not None:
-        return judge["agreement"] > judge["length_rule_agreement"]
-    if judge.get("accuracy") is not None and judge.get("majority_baseline") is not None:
-        return judge["accuracy"] > judge["majority_baseline"]
-    return None
 
 
 def paired_pairs(systems) -> list[tuple[str, str]]:

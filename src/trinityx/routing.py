@@ -461,17 +461,6 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     return report
 
 
-EVALUATION_SETS = {"alpaca_eval": "helpful", "beavertails": "harmless", "truthfulqa": "honest"}
-
-
-def evaluation_requests(data_dir: Path) -> dict[str, list[str]]:
-    """Every evaluation item's request as a user writes it: AlpacaEval eval instructions, BeaverTails-Evaluation
-    prompts, TruthfulQA test questions (without the QA primer the MC and generation prompts put before them)."""
-    return {"alpaca_eval": [it.instruction for it in data.load_alpaca_eval(data_dir, "eval")],
-            "beavertails": [p.prompt for p in data.load_safety_prompts(data_dir)],
-            "truthfulqa": [q.question for q in data.load_truthfulqa(data_dir, "test")]}
-
-
 def route_evaluation_sets(model: MoCaEModel, backbone: Backbone, data_dir: Path, temperature: float,
                           max_length: int, pooled_cache: dict | None = None) -> dict:
     """{set: routing summary} of a sequence router over every item of each evaluation set (gates at T). The
@@ -481,10 +470,10 @@ def route_evaluation_sets(model: MoCaEModel, backbone: Backbone, data_dir: Path,
     if model.config.router != "sequence":
         return {}
     out = {}
-    for name, requests in evaluation_requests(data_dir).items():
+    for name, requests in data.evaluation_requests(data_dir).items():
         gates = torch.softmax(prompt_gate_logits(model, backbone, requests, max_length, pooled_cache=pooled_cache)
                               / temperature, -1)  # [N, K]
-        out[name] = routing_summary([{"gates": g} for g in gates.tolist()], EVALUATION_SETS[name],
+        out[name] = routing_summary([{"gates": g} for g in gates.tolist()], data.EVALUATION_SETS[name],
                                     list(model.config.expert_dims))
     return out
 
