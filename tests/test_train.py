@@ -1,5 +1,7 @@
 """The training loop: label masking, learning, accumulation invariance, and exact resumption."""
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from trinityx import data
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import ExpertConfig, encode_examples, lm_loss_fn, partial_dir, train_expert
+from trinityx.experts import ExpertConfig, LoraSettings, encode_examples, lm_loss_fn, partial_dir, train_expert
 from trinityx.sft import IGNORE, collate, encode, global_batch_order
 from trinityx.train import TrainConfig, fit
 
@@ -157,3 +159,62 @@ def test_bad_training_settings_name_the_flag():
         TrainConfig(max_steps=0).validate()
     with pytest.raises(TrinityXError, match="--lr"):
         TrainConfig(lr=float("nan")).validate()
+
+
+def test_a_checkpoint_resumes_only_under_its_own_configuration(tiny_backbone, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "honest"
+    settings = dict(max_steps=6, batch_size=4, micro_batch_size=4, checkpoint_every=2, eval_every=100)
+    calls = {"n": 0}
+
+    def dying_loss(model, batch):
+        calls["n"] += model.training
+        if calls["n"] == 5:  # inside step 5, after the checkpoint of step 4
+            raise RuntimeError("killed")
+        return lm_loss_fn(model, batch)
+
+    def config(**train):
+        return ExpertConfig(out=out, dimension="honest", backbone=str(tiny_backbone), data_dir=str(data_dir),
+                            train=TrainConfig(**{**settings, **train}))
+
+    with monkeypatch.context() as m:
+        m.setattr("trinityx.experts.lm_loss_fn", dying_loss)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_expert(config())
+    checkpoint = partial_dir(out) / "checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 4
+
+    # Another configuration is refused, naming what changed and the folder to delete; nothing is written.
+    with pytest.raises(TrinityXError, match=r"another configuration.*lr 0\.0002 -> 0\.01.*seed 0 -> 7") as error:
+        train_expert(config(max_steps=3, lr=0.01, seed=7))
+    assert str(partial_dir(out)) in str(error.value) and not out.exists()
+    with pytest.raises(TrinityXError, match="another configuration.*lora_rank 8 -> 4"):
+        train_expert(replace(config(), lora=LoraSettings(lora_rank=4)))
+    with pytest.raises(TrinityXError, match="another configuration.*dimension 'honest' -> 'helpful'"):
+        train_expert(replace(config(), dimension="helpful"))
+
+    # The same configuration resumes; how often checkpoints are written does not matter.
+    log = train_expert(config(checkpoint_every=3))
+    assert log["resumed_from_step"] == 4 and len(log["steps"]) == 6
+    assert json.loads((out / "trinityx_config.json").read_text())["train"]["lr"] == 2e-4
+
+
+def test_a_truncated_checkpoint_names_the_folder_to_delete(tiny_backbone, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "helpful"
+    cfg = ExpertConfig(out=out, dimension="helpful", backbone=str(tiny_backbone), data_dir=str(data_dir),
+                       train=TrainConfig(max_steps=3, batch_size=4, micro_batch_size=4, checkpoint_every=1))
+    calls = {"n": 0}
+
+    def dying_loss(model, batch):
+        calls["n"] += model.training
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return lm_loss_fn(model, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr("trinityx.experts.lm_loss_fn", dying_loss)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_expert(cfg)
+    state = partial_dir(out) / "checkpoint" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(TrinityXError, match=f"cannot be read.*delete {partial_dir(out)}"):
+        train_expert(cfg)

@@ -1,5 +1,6 @@
 """Experts: one LoRA adapter per dimension, trained by supervised fine-tuning with the prompt masked out."""
 
+import hashlib
 import json
 import shutil
 import time
@@ -80,6 +81,18 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+RUN_INDEPENDENT = ("started", "overwrite", "backbone_loaded_from")
+"""Fields of a recorded config that do not change the trained weights (a resume ignores them)."""
+
+
+def examples_digest(examples: list[Encoded]) -> str:
+    """sha256 of the tokenised examples: the data a run trains on, whatever folder or subset it came from."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()
+
+
 def lora_model(backbone: Backbone, lora: LoraSettings, seed: int):
     """(PEFT model, its trainable parameters by name): a fresh, seeded LoRA on the backbone's targets."""
     torch.manual_seed(seed)
@@ -96,7 +109,11 @@ def train_lora(backbone: Backbone, train: list[data.SFTExample], dev: list[data.
     train_enc = encode_examples(backbone, train, cfg.max_length)
     dev_enc = encode_examples(backbone, dev[: cfg.dev_examples], cfg.max_length)
     work = partial_dir(out)
-    log = fit(model, params, lm_loss_fn, train_enc, dev_enc, cfg, work, backbone.tokenizer.pad_token_id, desc=desc)
+    # What else the weights depend on, so a checkpoint of another configuration is never resumed (`fit` adds `cfg`).
+    config = {k: v for k, v in extra_config.items() if k not in (*RUN_INDEPENDENT, "train")}
+    run = {"config": config, "lora": asdict(lora), "examples": examples_digest(train_enc + dev_enc)}
+    log = fit(model, params, lm_loss_fn, train_enc, dev_enc, cfg, work, backbone.tokenizer.pad_token_id, desc=desc,
+              run=run)
     log["train_examples"] = len(train_enc)
     log["dev_examples"] = len(dev_enc)
     state = PartialState()

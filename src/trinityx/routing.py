@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import encode_examples, partial_dir, subsample, to_jsonable
+from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
 from trinityx.io import write_json
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
@@ -207,8 +207,10 @@ def fit_router(cfg: RouterConfig, backbone: Backbone | None = None, pooled_cache
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     K = len(cfg.dimensions)
     gamma = torch.tensor(cfg.gamma, dtype=torch.float32) if cfg.gamma else torch.full((K,), 1.0 / K)
+    run = {"config": {k: v for k, v in to_jsonable(asdict(cfg)).items() if k not in ("overwrite", "train")},
+           "examples": examples_digest(train_enc + dev_enc)}  # a checkpoint of another configuration is refused
     log = fit(model, params, router_loss_fn(gamma / gamma.sum(), cfg.loss.as_dict()), train_enc, dev_enc, cfg.train,
-              partial_dir(out), backbone.tokenizer.pad_token_id, desc=f"router:{cfg.router}")
+              partial_dir(out), backbone.tokenizer.pad_token_id, desc=f"router:{cfg.router}", run=run)
     model.eval()
     log["router_accuracy_dev"] = router_accuracy(model, backbone, dev, order, cfg.train.max_length)
     log["trainable_parameters"] = sum(p.numel() for p in params.values())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -107,9 +108,33 @@ def evaluate_loss(model, loss_fn: LossFn, batches: list[dict], accelerator: Acce
     return (total / count.clamp(min=1)).item()
 
 
-def _save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, history: dict) -> None:
+def run_identity(cfg: TrainConfig, run: dict) -> dict:
+    """What a checkpoint's weights depend on: the training settings (not how often checkpoints are written) and
+    the caller's `run` (data, LoRA shape, backbone...). A checkpoint resumes only under the same identity."""
+    return to_plain({"train": {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, **run})
+
+
+def to_plain(obj):
+    """A JSON round trip, so an identity compares equal to the one read back from state.json."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def _save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, history: dict,
+                     identity: dict) -> None:
     # Everything a resumed run needs, in safetensors + JSON (no pickles): trainable weights, AdamW moments,
-    # the RNG state (dropout), and the log so far. The data order is a function of (seed, step).
+    # the RNG state (dropout), and the log so far. The data order is a function of (seed, step). The identity
+    # says which configuration the weights belong to.
     state = optimizer.state_dict()
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for idx, s in state["state"].items():
@@ -118,12 +143,23 @@ def _save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Paramet
     tensors["rng.torch"] = torch.get_rng_state()
     with atomic_dir(folder / "checkpoint") as tmp:
         save_file(tensors, tmp / "state.safetensors")
-        write_json(tmp / "state.json", {"step": step, "param_groups": state["param_groups"], "history": history})
+        write_json(tmp / "state.json", {"step": step, "param_groups": state["param_groups"], "history": history,
+                                        "identity": identity})
 
 
-def _load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, dict]:
-    meta = json.loads((folder / "checkpoint" / "state.json").read_text())
-    tensors = load_file(folder / "checkpoint" / "state.safetensors")
+def _load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimizer, identity: dict) -> tuple[int, dict]:
+    checkpoint = folder / "checkpoint"
+    try:
+        meta = json.loads((checkpoint / "state.json").read_text())
+        tensors = load_file(checkpoint / "state.safetensors")
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or garbled file
+        raise TrinityXError(f"the training checkpoint in {checkpoint} cannot be read ({e}); delete {folder} to "
+                            "start this training from scratch") from None
+    if meta.get("identity") != identity:
+        changed = _differences(meta.get("identity") or {}, identity)
+        raise TrinityXError(f"the training checkpoint in {checkpoint} was written by a run with another configuration "
+                            f"({'; '.join(changed[:6]) or 'no configuration recorded'}); rerun with the checkpoint's "
+                            f"settings to resume it, or delete {folder} to start fresh with these")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
@@ -138,11 +174,13 @@ def _load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimi
 
 
 def fit(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loss_fn: LossFn, train: list[Encoded],
-        dev: list[Encoded], cfg: TrainConfig, work_dir: Path, pad_id: int, desc: str = "train") -> dict:
+        dev: list[Encoded], cfg: TrainConfig, work_dir: Path, pad_id: int, desc: str = "train",
+        run: dict | None = None) -> dict:
     """Train `params` of `model` on `train` for cfg.max_steps optimiser steps; returns the training log.
 
-    Resumes from `work_dir/checkpoint` when one exists; the resumed run ends with the same weights as an
-    uninterrupted one. The loss of a step is the summed token loss over the whole global batch divided by
+    Resumes from `work_dir/checkpoint` when one exists and was written under the same `cfg` and `run` (the rest
+    of the configuration the weights depend on; see `run_identity`); the resumed run ends with the same weights
+    as an uninterrupted one. The loss of a step is the summed token loss over the whole global batch divided by
     its number of target tokens, so accumulation and process count do not change the gradient.
     """
     cfg.validate()
@@ -164,9 +202,10 @@ def fit(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loss_fn: 
     model, optimizer = accelerator.prepare(model, optimizer)
 
     work_dir = Path(work_dir)
+    identity = run_identity(cfg, run or {})
     start_step, history = 0, {"steps": [], "dev": []}
-    if (work_dir / "checkpoint" / "state.json").is_file():
-        start_step, history = _load_checkpoint(work_dir, params, optimizer)
+    if (work_dir / "checkpoint").is_dir():
+        start_step, history = _load_checkpoint(work_dir, params, optimizer, identity)
         accelerator.print(f"resuming {desc} from step {start_step}")
     for _ in range(start_step):
         scheduler.step()
@@ -222,7 +261,7 @@ def fit(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loss_fn: 
             bar.write(f"{desc} step {step + 1}: dev loss {dev_loss:.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last:
             if accelerator.is_main_process:
-                _save_checkpoint(work_dir, step + 1, params, optimizer, history)
+                _save_checkpoint(work_dir, step + 1, params, optimizer, history, identity)
             accelerator.wait_for_everyone()
     bar.close()
 
