@@ -155,11 +155,14 @@ def _load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimi
     except (OSError, ValueError, SafetensorError) as e:  # a truncated or garbled file
         raise TrinityXError(f"the training checkpoint in {checkpoint} cannot be read ({e}); delete {folder} to "
                             "start this training from scratch") from None
-    if meta.get("identity") != identity:
-        changed = _differences(meta.get("identity") or {}, identity)
+    if "identity" not in meta:
+        # Written before checkpoints recorded their configuration: a run killed then resumes as it used to.
+        print(f"note: the training checkpoint in {checkpoint} records no configuration; resuming it as this one")
+    elif meta["identity"] != identity:
+        changed = _differences(meta["identity"], identity)
         raise TrinityXError(f"the training checkpoint in {checkpoint} was written by a run with another configuration "
-                            f"({'; '.join(changed[:6]) or 'no configuration recorded'}); rerun with the checkpoint's "
-                            f"settings to resume it, or delete {folder} to start fresh with these")
+                            f"({'; '.join(changed[:6])}); rerun with the checkpoint's settings to resume it, or "
+                            f"delete {folder} to start fresh with these")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
