@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -443,3 +444,12 @@ def test_caller_gates_reuse_a_shared_primer_exactly(run, backbone):
     other = loglikelihoods(s, contexts[:1], continuations[:1], gates=torch.tensor([[1.0, 0.0, 0.0]]))[0]
     assert other != pytest.approx(together[0], abs=1e-4)  # the gates reach the scores
     s.close()
+
+
+def test_a_system_spec_cannot_name_a_folder_outside_the_run(run, backbone, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run / "experts" / "helpful", other)  # a real adapter, two levels up from RUN/experts/
+    relative = os.path.relpath(other, run / "experts")
+    with pytest.raises(TrinityXError, match=r"system 'expert:.*' is not a plain name"):
+        load_system(f"expert:{relative}", run, backbone)
+    load_system("base", run, backbone).close()  # nothing was attached

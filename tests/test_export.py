@@ -7,6 +7,7 @@
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -117,3 +118,34 @@ def test_export_refuses_bad_input(folder, tmp_path):
         export(ExportConfig(run=folder, format="peft", out=tmp_path / "taken"))
     with pytest.raises(TrinityXError, match="not a MoCaE folder"):
         export(ExportConfig(run=tmp_path, format="peft", out=tmp_path / "y"))
+
+
+def test_expert_names_cannot_reach_outside_the_folders(folder, tmp_path):
+    # A mocae_config.json whose expert name climbs out of experts/ is refused before anything is copied or written.
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    config = json.loads((run / "mocae_config.json").read_text())
+    config["expert_names"][0] = "../../outside"
+    (run / "mocae_config.json").write_text(json.dumps(config))
+    out = tmp_path / "export" / "x"
+    with pytest.raises(TrinityXError, match=r"mocae_config.json.*'\.\./\.\./outside' is not a plain name"):
+        export(ExportConfig(run=run, format="peft", out=out))
+    assert not (tmp_path / "export").exists()
+
+
+def test_corrupt_expert_files_name_the_file(folder, tiny_backbone, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    weights = run / "experts" / NAMES[1] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(TrinityXError, match=f"{weights} cannot be read.*retrain or recopy"):
+        MoCaEModel.from_pretrained(run, load(tiny_backbone))
+    config = run / "experts" / NAMES[0] / "adapter_config.json"
+    config.write_text('{"r": 4, "lora_alpha"')
+    with pytest.raises(TrinityXError, match=f"{config} is not valid JSON"):
+        MoCaEModel.from_pretrained(run, load(tiny_backbone))
+    (run / "mocae_config.json").write_bytes(b'{"expert_names": ["\xff"]}')
+    with pytest.raises(TrinityXError, match=f"{run / 'mocae_config.json'}: .*utf-8"):
+        export(ExportConfig(run=run, format="peft", out=tmp_path / "y"))

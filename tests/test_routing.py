@@ -53,6 +53,19 @@ def test_fit_router_refuses_missing_experts(tiny_backbone, data_dir, tmp_path):
         fit_router(RouterConfig(experts=tmp_path, out=tmp_path / "m", backbone=str(tiny_backbone), data_dir=str(data_dir)))
 
 
+def test_fit_router_dimensions_are_plain_names(experts, tiny_backbone, data_dir, tmp_path):
+    import os
+    import shutil
+
+    outside = tmp_path / "outside"
+    shutil.copytree(experts / "honest", outside)  # a real expert outside --experts
+    relative = os.path.relpath(outside, experts)
+    with pytest.raises(TrinityXError, match=r"--dimensions: '\.\./.*outside' is not a plain name"):
+        fit_router(RouterConfig(experts=experts, out=tmp_path / "m", backbone=str(tiny_backbone),
+                                data_dir=str(data_dir), dimensions=("helpful", "harmless", relative)))
+    assert not (tmp_path / "m").exists()
+
+
 def test_routers_of_one_backbone_share_one_routing_pass(tiny_backbone, experts, monkeypatch):
     from trinityx.backbones import load_backbone
     from trinityx.mocae import MoCaEConfig

@@ -17,6 +17,7 @@ import torch
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEModel
+from trinityx.mocae.model import read_config
 from trinityx.serve import Row, render_chat, run_batch, stop_token_ids
 
 HELP = """commands:
@@ -167,8 +168,7 @@ def chat(cfg: ChatConfig) -> None:
         raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json)")
     if cfg.max_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise TrinityXError("--max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    config = json.loads((run / "mocae_config.json").read_text())
-    backbone = load_backbone(cfg.backbone or config["backbone"])
+    backbone = load_backbone(cfg.backbone or read_config(run).backbone)
     model = MoCaEModel.from_pretrained(run, backbone.model)
     if model.config.router != "sequence":
         raise TrinityXError(f"--run {run}: chat runs sequence-routed models only (router={model.config.router!r})")

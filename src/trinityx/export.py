@@ -15,7 +15,7 @@ Legend: K experts, R rank, D hidden (D_in, D_out).
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +26,7 @@ from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
 from trinityx.mocae import MixtureLinear, MoCaEModel
+from trinityx.mocae.model import read_config as read_mocae_config
 from trinityx.sft import collate, encode
 
 
@@ -77,10 +78,8 @@ def prompt_gates(model: MoCaEModel, tokenizer, prompt_format: str, prompt: str) 
 
 
 def read_config(run: Path) -> dict:
-    if not (run / "mocae_config.json").is_file():
-        raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json); create it with "
-                            "`trinityx fit-router`")
-    return json.loads((run / "mocae_config.json").read_text())
+    """RUN/mocae_config.json, validated (expert names are plain names: each is copied from and to experts/<name>/)."""
+    return asdict(read_mocae_config(run))
 
 
 def check(cfg: ExportConfig, names: list[str]) -> None:

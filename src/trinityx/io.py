@@ -2,10 +2,24 @@
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from trinityx.errors import TrinityXError
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A name that becomes one folder name (an expert, a dimension): no separator, no `..`, no leading dot."""
+
+
+def check_name(name: str, where: str) -> str:
+    """`name` if it is a plain name, so a path built from it stays inside its folder; else an error naming `where`."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise TrinityXError(f"{where}: {name!r} is not a plain name; use letters, digits, '_' and '-' only "
+                            "(a name becomes a folder name, so it may not hold '/', '..' or start with '.')")
+    return name
 
 
 def write_json(path: str | Path, obj) -> None:

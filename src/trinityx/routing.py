@@ -12,10 +12,9 @@ Two ways to train a sequence router (`--phase`):
   train this way (their gates read every layer's input, which depends on the gates below).
 """
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,8 +27,9 @@ from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
-from trinityx.io import write_json
+from trinityx.io import check_name, write_json
 from trinityx.mocae import MoCaEConfig, MoCaEModel
+from trinityx.mocae.model import read_config
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
 from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.objective import mean_gate, router_objective
@@ -109,6 +109,8 @@ class RouterConfig:
     max_length of a prompt, seed; eval_every and checkpoints do not apply: a run takes seconds)."""
 
     def validate(self) -> None:
+        for dimension in self.dimensions:
+            check_name(dimension, "--dimensions")  # each names the folder EXPERTS/<dimension>/
         if self.gamma is not None and len(self.gamma) != len(self.dimensions):
             raise TrinityXError(f"--gamma has {len(self.gamma)} values for {len(self.dimensions)} experts")
         if self.per_dimension is not None and self.per_dimension < 1:
@@ -426,8 +428,8 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     run = Path(cfg.run)
     if not (run / "mocae_config.json").is_file():
         raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json); create it with `trinityx fit-router`")
-    config = json.loads((run / "mocae_config.json").read_text())
-    backbone = backbone or load_backbone(cfg.backbone or config["backbone"])
+    config = read_config(run)
+    backbone = backbone or load_backbone(cfg.backbone or config.backbone)
     model = MoCaEModel.from_pretrained(run, backbone.model)
     model.set_gating(temperature=1.0, gate_mode="learned")
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -453,8 +455,7 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     reliability_diagram(torch.softmax(logits_test / T, -1), labels_test, run / "reliability_after.png",
                         title=f"router, T = {T:.2f} fitted on dev (test prompts)")
     write_json(run / "calibration.json", report)
-    config["temperature"] = T
-    write_json(run / "mocae_config.json", config)
+    write_json(run / "mocae_config.json", asdict(replace(config, temperature=T)))
     for name, r in report.get("evaluation_sets", {}).items():
         print(f"routing of all {r['n']} {name} items: accuracy {r['accuracy']:.3f}, routed to {r['argmax_counts']}")
     print(f"router calibration on {len(labels_test)} test prompts: T = {T:.3f}; accuracy {report['accuracy']:.3f}; "
@@ -503,8 +504,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     run = Path(cfg.run)
     if not (run / "mocae_config.json").is_file():
         raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json)")
-    config = json.loads((run / "mocae_config.json").read_text())
-    backbone = load_backbone(cfg.backbone or config["backbone"])
+    backbone = load_backbone(cfg.backbone or read_config(run).backbone)
     model = MoCaEModel.from_pretrained(run, backbone.model)
     if cfg.weights is not None:
         model.set_gating(gate_mode="fixed", fixed_weights=list(cfg.weights))

@@ -39,6 +39,7 @@ from transformers import DynamicCache
 from trinityx.backbones import PLAIN_TEMPLATE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEModel
+from trinityx.mocae.model import read_config
 from trinityx.mocae.model import positions
 from trinityx.mocae.router import gates_from_logits
 
@@ -702,8 +703,7 @@ def load_served(cfg: ServeConfig, model: MoCaEModel | None = None, backbone=None
         raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json); create it with "
                             "`trinityx fit-router`")
     if backbone is None:
-        config = json.loads((run / "mocae_config.json").read_text())
-        backbone = load_backbone(cfg.backbone or config["backbone"])
+        backbone = load_backbone(cfg.backbone or read_config(run).backbone)
     if model is None:
         model = MoCaEModel.from_pretrained(run, backbone.model)
     if model.config.router != "sequence":

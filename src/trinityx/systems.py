@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
+from trinityx.io import check_name
 from trinityx.mocae import MixtureLinear, MoCaEModel
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -264,7 +265,8 @@ def load_system(spec: str, run_dir: str | Path | None = None, backbone: str | Ba
     if spec == "base":
         folder, kind, gating = None, "base", {}
     elif spec.startswith("expert:") and spec != "expert:":
-        folder, kind, gating = _folder(spec, run_dir, f"experts/{spec.removeprefix('expert:')}"), "peft", {}
+        name = check_name(spec.removeprefix("expert:"), f"system {spec!r}")  # stays inside RUN/experts/
+        folder, kind, gating = _folder(spec, run_dir, f"experts/{name}"), "peft", {}
     elif spec == "datamix":
         folder, kind, gating = _folder(spec, run_dir, "datamix"), "peft", {}
     elif spec.startswith("merge:") and spec.removeprefix("merge:") in MERGE_METHODS:

@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, write_json
+from trinityx.io import atomic_dir, check_name, write_json
 from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.router import (GATE_MODES, SequenceRouter, TokenRouter, gates_from_logits, last_prompt_token,
                                    pool_prompt)
@@ -72,6 +73,8 @@ class MoCaEConfig:
         K = len(self.expert_names)
         if K == 0:
             raise TrinityXError("expert_names is empty: give one name per expert adapter")
+        for name in self.expert_names:
+            check_name(name, "expert_names")  # each becomes experts/<name>/
         if len(set(self.expert_names)) != K:
             raise TrinityXError(f"expert_names {self.expert_names} has duplicates: names must be unique")
         if not self.expert_dims:
@@ -107,6 +110,19 @@ class MoCaEConfig:
         return d_model * len(self.router_layers) * (2 if self.pooling == "mean+last" else 1)
 
 
+def read_config(folder: Path) -> MoCaEConfig:
+    """folder/mocae_config.json as a validated config; a missing, malformed or invalid file is an error naming it."""
+    path = Path(folder) / "mocae_config.json"
+    if not path.is_file():
+        raise TrinityXError(f"{folder} is not a MoCaE folder (no mocae_config.json); create it with `trinityx fit-router`")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        # Folders saved before normalize_hidden existed were not normalised.
+        return MoCaEConfig(**{"normalize_hidden": False, **values})
+    except (ValueError, TypeError) as e:  # not JSON, not UTF-8, not a mapping of MoCaEConfig fields, or invalid
+        raise TrinityXError(f"{path}: {e}; fix the file or recreate the folder with `trinityx fit-router`") from None
+
+
 @dataclass
 class MoCaEOutput:
     loss: Tensor | None
@@ -140,8 +156,19 @@ def read_expert(folder: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
     for name in ADAPTER_FILES:
         if not (folder / name).is_file():
             raise TrinityXError(f"expert folder {folder} has no {name}: pass a PEFT LoRA adapter folder")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(folder / "adapter_model.safetensors")
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise TrinityXError(f"{folder / 'adapter_config.json'} is not valid JSON ({e}); retrain or recopy the expert "
+                            f"in {folder}") from None
+    if not isinstance(config, dict):
+        raise TrinityXError(f"{folder / 'adapter_config.json'} holds no adapter config (a JSON object); retrain or "
+                            f"recopy the expert in {folder}")
+    try:
+        tensors = load_file(folder / "adapter_model.safetensors")
+    except SafetensorError as e:  # truncated or garbled
+        raise TrinityXError(f"{folder / 'adapter_model.safetensors'} cannot be read ({e}); retrain or recopy the expert "
+                            f"in {folder}") from None
     others = [key for key in tensors if not key.endswith((".lora_A.weight", ".lora_B.weight"))]
     if others:
         raise TrinityXError(
@@ -420,7 +447,7 @@ class MoCaEModel(nn.Module):
     def from_pretrained(cls, folder: str | Path, backbone_model: nn.Module | None = None) -> "MoCaEModel":
         """Rebuild a saved MoCaEModel; the backbone is loaded from config.backbone unless one is given."""
         folder = Path(folder)
-        config = MoCaEConfig(**{"normalize_hidden": False, **json.loads((folder / "mocae_config.json").read_text())})
+        config = read_config(folder)
         if backbone_model is None:
             if not config.backbone:
                 raise TrinityXError(f"{folder}/mocae_config.json has no backbone: pass backbone_model=")
