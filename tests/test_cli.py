@@ -1,6 +1,7 @@
 """The command line: help, an end-to-end call with a YAML config, and errors that name the flag or key."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -55,3 +56,27 @@ def test_bad_input_exits_with_a_message_naming_it(tiny_backbone, tmp_path, monke
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert "unknown command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train-expert", "train-experts", "run", "export", "evaluate"])
+def test_an_unwritable_out_is_refused_before_any_work(command, tiny_backbone, data_dir, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    for module in ("experts", "pipeline", "systems", "export"):
+        monkeypatch.setattr(f"trinityx.{module}.load_backbone", no_work)
+    monkeypatch.setattr("trinityx.backbones.load_backbone", no_work)
+    (tmp_path / "a-file").write_text("")
+    extra = {"train-expert": [], "train-experts": [], "run": [],
+             "export": ["--run", str(tmp_path), "--format", "merged"],
+             "evaluate": ["--system", "base"]}[command]
+    unwritable = [(tmp_path / "a-file" / "out", "is a file, not a folder"), (Path("/proc/trinityx/out"), "cannot be written")]
+    for out, why in unwritable:
+        if command == "export":
+            (tmp_path / "mocae_config.json").write_text(json.dumps({"expert_names": ["a"], "backbone": "x"}))
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--out", str(out), *extra]
+                 if command != "export" else [command, "--out", str(out), *extra])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and why in err

@@ -26,7 +26,7 @@ import numpy as np
 from trinityx import data, metrics
 from trinityx.errors import TrinityXError
 from trinityx.generation import GenerationSettings
-from trinityx.io import write_json
+from trinityx.io import check_writable, write_json
 
 AXES = ("helpful", "harmless", "honest")
 JUDGES_OF_AXIS = {"helpful": ("helpful",), "harmless": ("harm",), "honest": ("truth", "info")}
@@ -569,6 +569,7 @@ def evaluate_cli(cfg: EvaluateConfig) -> dict:
             raise TrinityXError(f"the shards of {cfg.out} evaluated {result['system']!r}, not --system {cfg.system}")
         print_summary(result, cfg.out)
         return result
+    check_writable(cfg.out, "--out")
     launched = launched_shard()
     if launched and cfg.shard:
         raise TrinityXError("--shard is set by `accelerate launch` (one shard per process); drop --shard")

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, write_json
+from trinityx.io import atomic_dir, check_writable, write_json
 from trinityx.sft import Encoded, encode
 from trinityx.train import TrainConfig, fit, lm_loss_sum
 
@@ -134,6 +134,7 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None) -> dict:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise TrinityXError(f"--out {out} already exists; pass --overwrite to replace it or choose another folder")
+    check_writable(out, "--out")
     data_dir = data.resolve_data_dir(cfg.data_dir) if cfg.source == "local" else None
     train = data.load_sft(cfg.dimension, data_dir, "train", source=cfg.source)
     dev = data.load_sft(cfg.dimension, data_dir, "dev", source=cfg.source)
@@ -185,6 +186,7 @@ class ExpertsConfig:
 def train_experts(cfg: ExpertsConfig) -> dict:
     """`trinityx train-experts`: one expert per dimension; finished experts are kept, not retrained."""
     out = Path(cfg.out)
+    check_writable(out, "--out")
     backbone = load_backbone(cfg.backbone, cfg.dtype)
     print(f"backbone {cfg.backbone}: loaded from {backbone.loaded_from} in {backbone.load_seconds:.1f} s")
     summary = {"backbone": cfg.backbone, "backbone_load_seconds": backbone.load_seconds,

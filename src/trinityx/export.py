@@ -24,7 +24,7 @@ from torch import nn
 
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, write_json
+from trinityx.io import atomic_dir, check_writable, write_json
 from trinityx.mocae import MixtureLinear, MoCaEModel
 from trinityx.mocae.model import read_config as read_mocae_config
 from trinityx.sft import collate, encode
@@ -91,6 +91,7 @@ def check(cfg: ExportConfig, names: list[str]) -> None:
         raise TrinityXError(f"--out {cfg.out} already exists; pass --overwrite to replace it or choose another folder")
     if Path(cfg.out).resolve() == Path(cfg.run).resolve():
         raise TrinityXError("--out is the --run folder; export to another folder")
+    check_writable(cfg.out, "--out")
 
 
 def export(cfg: ExportConfig) -> Path:

@@ -22,6 +22,26 @@ def check_name(name: str, where: str) -> str:
     return name
 
 
+def check_writable(path: str | Path, flag: str) -> None:
+    """Fail before any work when `path` (a file or folder a command will write) cannot be created there.
+
+    Creates and removes a temporary file in `path` when it is a folder, else in its nearest existing parent:
+    permission bits alone do not tell (root ignores them; /proc and read-only mounts refuse anyway)."""
+    path = Path(path).absolute()
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrinityXError(f"{flag} {path} cannot be written: {parent} is a file, not a folder; choose another path")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".trinityx-write-check.")
+    except OSError as e:
+        raise TrinityXError(f"{flag} {path} cannot be written ({e.strerror} in {parent}); choose a folder you can "
+                            "write to") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write `obj` as JSON to `path` atomically (temp file in the same folder, then rename)."""
     path = Path(path)

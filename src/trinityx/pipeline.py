@@ -20,7 +20,7 @@ from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
-from trinityx.io import write_json
+from trinityx.io import check_writable, write_json
 from trinityx.routing import HEAD_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 from trinityx.train import TrainConfig
 
@@ -311,6 +311,7 @@ STAGE_FUNCTIONS = {
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """`trinityx run`: every stage in order; finished stages are skipped."""
     cfg.validate()
+    check_writable(cfg.out, "--out")
     data_dir = data.resolve_data_dir(cfg.data_dir)
     run = Run(cfg)
     run.dir.mkdir(parents=True, exist_ok=True)

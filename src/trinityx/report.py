@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir
+from trinityx.io import atomic_dir, check_writable
 
 DASH = "—"
 DPI = 110
@@ -1042,5 +1042,6 @@ def render_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 def report_cli(cfg: ReportConfig) -> None:
     """`trinityx report --run DIR`."""
+    check_writable(cfg.run, "--run")
     md_path, html_path = render_report(cfg.run)
     print(f"wrote {md_path} and {html_path}")

@@ -27,7 +27,7 @@ from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
-from trinityx.io import check_name, write_json
+from trinityx.io import check_name, check_writable, write_json
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.model import read_config
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
@@ -182,6 +182,7 @@ def fit_router(cfg: RouterConfig, backbone: Backbone | None = None, pooled_cache
     if out.exists() and not cfg.overwrite:
         raise TrinityXError(f"--out {out} already exists; pass --overwrite to replace it or choose another folder")
     cfg.validate()
+    check_writable(out, "--out")
     folders = expert_folders(cfg.experts, cfg.dimensions)
     data_dir = data.resolve_data_dir(cfg.data_dir)
     backbone = backbone or load_backbone(cfg.backbone)
@@ -429,6 +430,7 @@ def calibrate(cfg: CalibrateConfig, backbone: Backbone | None = None, pooled_cac
     if not (run / "mocae_config.json").is_file():
         raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json); create it with `trinityx fit-router`")
     config = read_config(run)
+    check_writable(run, "--run")  # calibration.json, the diagrams and the temperature are written into it
     backbone = backbone or load_backbone(cfg.backbone or config.backbone)
     model = MoCaEModel.from_pretrained(run, backbone.model)
     model.set_gating(temperature=1.0, gate_mode="learned")
