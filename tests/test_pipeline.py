@@ -112,6 +112,39 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     assert "[report] running" in printed and "[evaluate] finished earlier" in printed
     assert (out / "experts" / "helpful" / "adapter_model.safetensors").stat().st_mtime_ns == before
 
+    # A stage is finished when its outputs are there, not only when stages.json says so.
+    (out / "report.html").unlink()
+    main(["run", "--config", str(config), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "report.html is missing: running it again" in printed and "[report] running" in printed
+    assert (out / "report.html").is_file() and printed.count("skipped") == len(pipeline.STAGES) - 1
+
+
+def test_stage_state_is_the_outputs_not_only_stages_json(tiny_backbone, data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--until",
+            "datamix", "--expert-examples", "16", "--expert-train.max-steps", "2", "--expert-train.batch-size", "4",
+            "--expert-train.micro-batch-size", "4", "--expert-train.eval-every", "2", "--expert-train.dev-examples", "6"]
+    main(args)
+    mtime = (out / "datamix" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    # A corrupt stages.json is an error naming it, never a traceback.
+    (out / "stages.json").write_text('{"splits": {"finished": ')
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and f"{out / 'stages.json'} is not valid JSON" in capsys.readouterr().err
+
+    # Without stages.json, complete outputs are kept: nothing is trained again.
+    (out / "stages.json").unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("a complete stage output was trained again")
+
+    monkeypatch.setattr(pipeline, "train_lora", no_training)
+    main(args)
+    assert (out / "datamix" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+    assert set(json.loads((out / "stages.json").read_text())) == {"splits", "experts", "datamix"}
+
 
 def test_force_names_a_real_stage(tmp_path, data_dir):
     with pytest.raises(SystemExit):

@@ -145,11 +145,26 @@ class Run:
         self.cfg = cfg
         self.dir = Path(cfg.out)
         self.state_file = self.dir / "stages.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.state = self._read_state() if self.state_file.is_file() else {}
         self.pooled: dict = {}  # routing states of the sequence routers, shared by the router and calibration stages
 
+    def _read_state(self) -> dict:
+        fix = "delete it: the next run keeps the models and evaluations it finds and redoes the rest"
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except ValueError as e:  # not JSON (a cut or edited file), or not UTF-8
+            raise TrinityXError(f"{self.state_file} is not valid JSON ({e}); {fix}") from None
+        if not isinstance(state, dict):
+            raise TrinityXError(f"{self.state_file} holds a JSON {type(state).__name__}, not a record of finished "
+                                f"stages; {fix}")
+        return state
+
     def done(self, stage: str) -> bool:
-        return stage in self.state
+        """Recorded as finished and its outputs are there (a deleted output makes the stage run again)."""
+        missing = [p for p in STAGE_OUTPUTS.get(stage, lambda run: [])(self) if not p.is_file()]
+        if stage in self.state and missing:
+            print(f"[{stage}] recorded as finished, but {missing[0]} is missing: running it again")
+        return stage in self.state and not missing
 
     def finish(self, stage: str, seconds: float, **info) -> None:
         self.state[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": seconds, **info}
@@ -212,8 +227,10 @@ def stage_datamix(run: Run, data_dir: Path) -> dict:
     steps = sum(expert_steps(cfg, d) for d in data.DIMENSIONS)
     train_cfg = replace(cfg.expert_train, max_steps=steps, seed=cfg.seed,
                         eval_every=cfg.expert_train.eval_every * len(data.DIMENSIONS))
-    log = train_lora(run.backbone(), train, _dev_examples(cfg, data_dir, data.DIMENSIONS), cfg.lora, train_cfg, out,
-                     {"stage": "datamix", "backbone": cfg.backbone}, "datamix")
+    if not (out / "train_log.json").is_file():  # written last, atomically: a folder that has it is complete
+        train_lora(run.backbone(), train, _dev_examples(cfg, data_dir, data.DIMENSIONS), cfg.lora, train_cfg, out,
+                   {"stage": "datamix", "backbone": cfg.backbone}, "datamix")
+    log = json.loads((out / "train_log.json").read_text())
     return {"dev_loss_before": log["dev_loss_before"], "dev_loss_after": log["dev_loss_after"], "steps": steps}
 
 
@@ -227,8 +244,9 @@ def stage_reference(run: Run, data_dir: Path) -> dict:
     train = data.load_mixture(data_dir, "train", per_dimension=per_dim, seed=cfg.seed + 1)
     train_cfg = replace(cfg.expert_train, max_steps=cfg.reference_steps, seed=cfg.seed + 1,
                         eval_every=cfg.reference_steps, checkpoint_every=0, warmup_steps=1)
-    train_lora(run.backbone(), train, _dev_examples(cfg, data_dir, data.DIMENSIONS), cfg.lora, train_cfg, out,
-               {"stage": "reference", "backbone": cfg.backbone}, "reference")
+    if not (out / "train_log.json").is_file():
+        train_lora(run.backbone(), train, _dev_examples(cfg, data_dir, data.DIMENSIONS), cfg.lora, train_cfg, out,
+                   {"stage": "reference", "backbone": cfg.backbone}, "reference")
     experts = [TaskVector.from_adapter(run.dir / "experts" / d) for d in data.DIMENSIONS]
     reference = TaskVector.from_adapter(out)
     dots, cosines = similarities(experts, reference)
@@ -633,3 +651,19 @@ def stage_report(run: Run, data_dir: Path) -> dict:
 
 STAGE_FUNCTIONS.update({"judges": stage_judges, "evaluate": stage_evaluate, "bench": stage_bench,
                         "report": stage_report})
+
+# The files each stage leaves in the run folder (each written last or atomically, so present means complete).
+# The judges live outside the run folder; their stage checks them itself.
+STAGE_OUTPUTS = {
+    "splits": lambda run: [run.dir / "splits.json"],
+    "experts": lambda run: [run.dir / "experts" / d / "train_log.json" for d in data.DIMENSIONS],
+    "datamix": lambda run: [run.dir / "datamix" / "train_log.json"],
+    "reference": lambda run: [run.dir / "reference" / "train_log.json", run.dir / "gamma.json"],
+    "merges": lambda run: [run.dir / "merges" / m / "adapter_config.json" for m in MERGES
+                           if f"merge:{m}" in run.cfg.systems],
+    "router": lambda run: [run.dir / name / "train_log.json" for name in routers_needed(run.cfg.systems)],
+    "calibration": lambda run: [run.dir / name / "calibration.json" for name in routers_needed(run.cfg.systems)],
+    "evaluate": lambda run: [eval_file(run.dir, spec) for spec in run.cfg.systems],
+    "bench": lambda run: [run.dir / "bench_inference.json"],
+    "report": lambda run: [run.dir / name for name in ("results.json", "report.md", "report.html")],
+}
