@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trinityx.chat import ChatSession, parse_weights, run_chat
+from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.serve import ServeConfig, ServerThread, TextTracker, build_app, load_served, render_chat
 
@@ -322,3 +323,61 @@ def test_bench_serve_runs_and_batching_changes_nothing(folder, capsys):
     assert overload["errors"] == 0 and overload["ok"] + overload["status_503"] == 6
     lines = capsys.readouterr().out.strip().splitlines()
     assert "one-at-a-time" in "\n".join(lines) and json.loads(lines[-1])["bench"] == "serve"
+
+
+@pytest.mark.parametrize("message, weights, param", [
+    ("hi", {"helpful": float("nan")}, "trinityx.weights.helpful"),  # passed the range check, then broke the JSON
+    ("hi \ud800", None, "messages"),  # a lone surrogate: the tokenizer raised
+])
+def test_unreadable_values_are_400s_not_500s(server, message, weights, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": message}], "max_tokens": 2}
+    if weights is not None:
+        body["trinityx"] = {"weights": weights}
+    response = post(server[1], json.dumps(body, allow_nan=True))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    completion = httpx2.post(server[1] + "/v1/completions", content=json.dumps({"model": "tiny", "prompt": "\ud800"}),
+                             headers={"Content-Type": "application/json"})
+    assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt"
+
+
+def test_the_context_rule_of_serve_and_generate_is_one(folder, capsys):
+    from trinityx.cli import main
+
+    prompt = "hi " * 250  # the tiny model has 256 positions
+    served, thread = start(folder, max_prompt_tokens=2048)
+    with thread as url:
+        response = post(url, {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2})
+    served_error = response.json()["error"]
+    assert response.status_code == 400 and served_error["code"] == "context_length_exceeded"
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--run", str(folder), "--prompt", "short", prompt, "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--prompt 2: the prompt (" in err and "model's context of 256 tokens" in err
+    assert served_error["message"].split(" tokens)")[0] == err.split("--prompt 2: ")[1].split(" tokens)")[0]
+
+
+def test_a_keyless_server_refuses_web_pages(server, folder, monkeypatch):
+    url = server[1]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    # A form or fetch() from a page: text/plain needs no preflight, so the browser sends it as is.
+    plain = post(url, body, headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+    page = post(url, body, headers={"Origin": "https://evil.example"})
+    assert page.status_code == 403 and "--allow-origins https://evil.example" in page.json()["error"]["message"]
+    assert httpx2.get(url + "/v1/models", headers={"Origin": "https://evil.example"}).status_code == 403
+    rebound = post(url, body, headers={"Host": "evil.example:8000"})  # DNS rebinding: the page's name, our address
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert post(url, body).status_code == 200  # a program on this machine (no Origin) is served
+
+    served, thread = start(folder, allow_origins=("http://localhost:3000",))
+    with thread as allowed_url:
+        ok = post(allowed_url, body, headers={"Origin": "http://localhost:3000"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+    # Binding beyond loopback without a key is refused before the model loads, unless asked for.
+    monkeypatch.delenv("TRINITYX_API_KEY", raising=False)
+    with pytest.raises(TrinityXError, match="--host 0.0.0.0 .*--allow-keyless-remote"):
+        load_served(ServeConfig(run=folder / "missing", host="0.0.0.0"))
+    with pytest.raises(TrinityXError, match="--port=70000 is not a TCP port"):
+        load_served(ServeConfig(run=folder / "missing", port=70000))

@@ -195,3 +195,15 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt_format: str, prompt
     if prompt_format == "plain":
         return PLAIN_TEMPLATE.format(prompt=prompt)
     raise TrinityXError(f"unknown prompt format {prompt_format!r}; choose one of {PROMPT_FORMATS}")
+
+
+def context_error(prompt_tokens: int, new_tokens: int, model) -> str | None:
+    """Why a prompt of `prompt_tokens` plus `new_tokens` to generate does not fit the model's context, or None.
+
+    The one context rule of `generate` and `serve`: the model's positions (max_position_embeddings) bound the
+    prompt and the answer together; a model whose config names no such bound is not limited here."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None or prompt_tokens + new_tokens <= context:
+        return None
+    return (f"the prompt ({prompt_tokens} tokens) plus {new_tokens} new tokens exceeds the model's context of "
+            f"{context} tokens")

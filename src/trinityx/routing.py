@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from trinityx import data
-from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from trinityx.backbones import DEFAULT_BACKBONE, Backbone, context_error, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
 from trinityx.io import check_name, check_writable, write_json
@@ -504,16 +504,26 @@ class GenerateConfig:
 @torch.inference_mode()
 def generate(cfg: GenerateConfig) -> list[dict]:
     run = Path(cfg.run)
-    if not (run / "mocae_config.json").is_file():
-        raise TrinityXError(f"--run {run} is not a MoCaE folder (no mocae_config.json)")
-    backbone = load_backbone(cfg.backbone or read_config(run).backbone)
+    if cfg.max_new_tokens < 1:
+        raise TrinityXError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    config = read_config(run)
+    if cfg.weights is not None and len(cfg.weights) != config.n_experts:
+        raise TrinityXError(f"--weights has {len(cfg.weights)} values for the {config.n_experts} experts "
+                            f"{config.expert_names}: give one per expert, in that order")
+    backbone = load_backbone(cfg.backbone or config.backbone)
     model = MoCaEModel.from_pretrained(run, backbone.model)
     if cfg.weights is not None:
         model.set_gating(gate_mode="fixed", fixed_weights=list(cfg.weights))
     elif cfg.gate_mode:
         model.set_gating(gate_mode=cfg.gate_mode)
     tok = backbone.tokenizer
-    enc = [encode(tok, backbone.prompt_format, p, None, 1024) for p in cfg.prompt]
+    enc = []
+    for i, prompt in enumerate(cfg.prompt):
+        ids = tok(format_prompt(tok, backbone.prompt_format, prompt), add_special_tokens=False).input_ids
+        too_long = context_error(len(ids), cfg.max_new_tokens, backbone.model)
+        if too_long:  # the rule `serve` applies: never cut a prompt silently
+            raise TrinityXError(f"--prompt {i + 1}: {too_long}; shorten it or lower --max-new-tokens")
+        enc.append(encode(tok, backbone.prompt_format, prompt, None, len(ids)))
     batch = collate(enc, tok.pad_token_id, padding_side="left")
     gates = model.gates(model.route(batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]))
     out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=cfg.max_new_tokens,

@@ -20,6 +20,7 @@ Legend: B batch (active rows), T tokens, K experts, V vocabulary.
 import asyncio
 import hmac
 import json
+import math
 import os
 import threading
 import time
@@ -31,12 +32,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import DynamicCache
 
-from trinityx.backbones import PLAIN_TEMPLATE, load_backbone
+from trinityx.backbones import PLAIN_TEMPLATE, context_error, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEModel
 from trinityx.mocae.model import read_config
@@ -78,6 +80,11 @@ class ServeConfig:
     """Let requests override the routing with the `trinityx` body field."""
     api_key_env: str = "TRINITYX_API_KEY"
     """Environment variable holding the API key; when it is set, every route but /health needs it."""
+    allow_keyless_remote: bool = False
+    """Serve on a --host other than loopback without an API key (anyone who reaches the port can generate)."""
+    allow_origins: tuple[str, ...] = ()
+    """Origins (e.g. http://localhost:3000) whose web pages may call the API; a request with another Origin
+    header (a page in the user's browser) gets a 403."""
     max_body_bytes: int = 1_000_000
     """Largest request body; more gets a 413."""
     retry_after: int = 1
@@ -97,6 +104,13 @@ def check_config(cfg: ServeConfig) -> None:
                              ("--shutdown-timeout", cfg.shutdown_timeout, 0), ("--port", cfg.port, 0)):
         if value < low:
             raise TrinityXError(f"{flag}={value} must be >= {low}")
+    if cfg.port > 65535:
+        raise TrinityXError(f"--port={cfg.port} is not a TCP port: give 0 (any free port) to 65535")
+    key = os.environ.get(cfg.api_key_env)
+    if cfg.host not in LOOPBACK and not key and not cfg.allow_keyless_remote:
+        raise TrinityXError(f"--host {cfg.host} serves beyond this machine, and ${cfg.api_key_env} holds no API key: "
+                            f"set it (every request then needs `Authorization: Bearer <key>`), or pass "
+                            "--allow-keyless-remote to serve without one")
     if cfg.default_max_tokens > cfg.max_tokens:
         raise TrinityXError(f"--default-max-tokens={cfg.default_max_tokens} is above --max-tokens={cfg.max_tokens}")
     if cfg.max_abs_weight < 0:
@@ -459,6 +473,8 @@ def validation_error(e: ValidationError) -> APIError:
         return APIError(422, f"unknown field {param!r}: this server does not support it", param, "unknown_field")
     if first["type"] == "missing":
         return APIError(422, f"missing required field {param!r}", param, "missing_field")
+    if first["type"] == "string_unicode":  # as make_row answers a lone surrogate that reached it
+        return APIError(400, f"{param} is not valid Unicode text: {first['msg']}", param, "invalid_value")
     got = json.dumps(first.get("input"), default=str)[:80]
     return APIError(422, f"{param}: {first['msg']} (got {got})", param, "invalid_value")
 
@@ -484,7 +500,6 @@ def build_app(served: Served):
 
     engine, cfg = served.engine, served.cfg
     names = engine.model.config.expert_names
-    context = getattr(engine.model.backbone.config, "max_position_embeddings", None)
     created = int(time.time())
 
     @asynccontextmanager
@@ -495,6 +510,11 @@ def build_app(served: Served):
         engine.stop()
 
     app = FastAPI(title="TrinityX", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if cfg.allow_origins:  # answer the browsers' preflight requests of the allowed origins
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -513,6 +533,15 @@ def build_app(served: Served):
                                      code="internal_error").body(), status_code=500)
 
     def authorise(request: Request) -> None:
+        # A page in the user's browser can send requests to a local server (cross-site request forgery, or DNS
+        # rebinding through the Host header): refuse other origins, and other hosts on a loopback server.
+        origin = request.headers.get("origin")
+        if origin is not None and origin not in cfg.allow_origins:
+            raise APIError(403, f"cross-origin request from {origin} refused; start the server with "
+                           f"--allow-origins {origin} to allow it", code="origin_not_allowed")
+        host = urlsplit("//" + request.headers.get("host", "")).hostname
+        if cfg.host in LOOPBACK and host not in LOOPBACK:
+            raise APIError(403, f"Host {host!r} refused: this server listens on loopback only", code="host_not_allowed")
         if served.api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -523,6 +552,10 @@ def build_app(served: Served):
 
     async def parse(request: Request, schema):
         authorise(request)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"Content-Type is {media_type or 'missing'!r}; send the body as application/json",
+                           code="unsupported_media_type")
         body = await request.body()
         if len(body) > cfg.max_body_bytes:
             raise APIError(413, f"request body is {len(body)} bytes, above the limit of {cfg.max_body_bytes}",
@@ -543,6 +576,12 @@ def build_app(served: Served):
         return req
 
     def make_row(req: CommonRequest, text: str, add_special_tokens: bool) -> Row:
+        param = "messages" if isinstance(req, ChatRequest) else "prompt"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON allows "\ud800", a lone surrogate no tokenizer can read
+            raise APIError(400, f"{param} is not valid Unicode text: {e.reason} at character {e.start}", param=param,
+                           code="invalid_value") from None
         prompt_ids = engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
         if max_tokens > cfg.max_tokens:
@@ -551,9 +590,9 @@ def build_app(served: Served):
         if len(prompt_ids) > cfg.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, above this server's limit of "
                            f"{cfg.max_prompt_tokens}", param="messages", code="context_length_exceeded")
-        if context is not None and len(prompt_ids) + max_tokens > context:
-            raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                           f"model's context of {context} tokens", param="max_tokens", code="context_length_exceeded")
+        too_long = context_error(len(prompt_ids), max_tokens, engine.model.backbone)
+        if too_long:
+            raise APIError(400, f"{too_long} (max_tokens)", param="max_tokens", code="context_length_exceeded")
         row = Row(prompt_ids, max_tokens, emit=lambda event: None, temperature=req.temperature, top_p=req.top_p,
                   seed=req.seed, stop=req.stop_strings())
         if req.trinityx is not None:
@@ -566,6 +605,9 @@ def build_app(served: Served):
                     raise APIError(400, f"unknown experts {unknown} in trinityx.weights; the experts are {names}",
                                    param="trinityx.weights", code="invalid_value")
                 for n, w in req.trinityx.weights.items():
+                    if not math.isfinite(w):
+                        raise APIError(400, f"trinityx.weights.{n}={w}: a weight must be a finite number",
+                                       param=f"trinityx.weights.{n}", code="invalid_value")
                     if abs(w) > cfg.max_abs_weight:
                         raise APIError(400, f"trinityx.weights.{n}={w}: |weight| is above this server's limit of "
                                        f"{cfg.max_abs_weight}", param=f"trinityx.weights.{n}", code="weight_out_of_range")
