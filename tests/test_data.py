@@ -245,6 +245,34 @@ def test_bad_input_names_file_row_and_key(data_dir, tmp_path, case):
         load(root)
 
 
+# (file to corrupt, how, on bytes, loader call, expected message pattern)
+CORRUPT_BYTES = {
+    "alpaca not utf-8": ("alpaca/alpaca_gpt4_demo.json", lambda b: b.replace(b"sleep 3", b"sl\xe9ep 3", 1),
+                         lambda d: D.load_sft("helpful", d, "train"),
+                         r"alpaca_gpt4_demo\.json: not UTF-8 text \(byte 0xe9 at offset \d+\); re-save"),
+    "truthfulqa not utf-8": ("truthfulqa/TruthfulQA.csv", lambda b: b.replace(b"seed 7?", b"seed \xff7?", 1),
+                             lambda d: D.load_truthfulqa(d, "train"), r"TruthfulQA\.csv: not UTF-8 text \(byte 0xff"),
+    "jsonl not utf-8": ("truthfulqa/finetune_truth.jsonl", lambda b: b.replace(b"seed 1?", b"seed \xc31?", 1),
+                        lambda d: D.load_judge_examples("truth", d, "test"),
+                        r"finetune_truth\.jsonl: line 3: not UTF-8 text"),
+    "truncated gz": ("alpaca_eval/judge_train_annotations.jsonl.gz", lambda b: b[: len(b) // 2],
+                     lambda d: D.load_judgements(d, "train"),
+                     r"judge_train_annotations\.jsonl\.gz: the compressed file is truncated or damaged.*again"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_BYTES)
+def test_corrupt_bytes_name_the_file_and_the_fix(data_dir, tmp_path, case):
+    relative, corrupt, load, pattern = CORRUPT_BYTES[case]
+    root = _copy(data_dir, tmp_path)
+    path = root / relative
+    damaged = corrupt(path.read_bytes())
+    assert damaged != path.read_bytes()
+    path.write_bytes(damaged)
+    with pytest.raises(TrinityXError, match=pattern):
+        load(root)
+
+
 def test_judgements_refuse_eval_prompts(data_dir, tmp_path):
     root = _copy(data_dir, tmp_path)
     path = root / "alpaca_eval" / "judge_train_annotations.jsonl.gz"

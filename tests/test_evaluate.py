@@ -453,3 +453,16 @@ def test_a_system_spec_cannot_name_a_folder_outside_the_run(run, backbone, tmp_p
     with pytest.raises(TrinityXError, match=r"system 'expert:.*' is not a plain name"):
         load_system(f"expert:{relative}", run, backbone)
     load_system("base", run, backbone).close()  # nothing was attached
+
+
+def test_a_cache_line_cut_inside_a_character_is_ignored(tmp_path):
+    from trinityx.generation import GenerationCache
+
+    path = tmp_path / "cache.jsonl"
+    kept = json.dumps({"key": "a", "prompt": "p", "output": "caf\u00e9"}, ensure_ascii=False) + "\n"
+    cut = json.dumps({"key": "b", "prompt": "p", "output": "na\u00efve"}, ensure_ascii=False).encode()
+    path.write_bytes(kept.encode() + cut[:cut.index("\u00ef".encode()) + 1])  # killed inside the two-byte character
+    cache = GenerationCache(path)
+    assert cache.outputs == {"a": "caf\u00e9"}
+    cache.append([{"key": "b", "prompt": "p", "output": "na\u00efve"}])
+    assert GenerationCache(path).outputs == {"a": "caf\u00e9", "b": "na\u00efve"}

@@ -11,10 +11,12 @@ import csv
 import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +187,13 @@ def _read_json(path: Path):
         raise TrinityXError(
             f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix or replace the file"
         ) from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError, where: str = "") -> TrinityXError:
+    return TrinityXError(f"{path}: {where}not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "re-save the file as UTF-8 or replace it")
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,16 +201,23 @@ def _read_jsonl(path: Path) -> tuple[tuple[int, object], ...]:
     """Parse a JSON-lines file (optionally .gz) once per process: (1-based line, row) pairs."""
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise TrinityXError(
-                    f"{path}: line {line_number}: malformed JSON line ({e.msg}); fix or remove that line"
-                ) from None
+    with opener(path, "rb") as f:
+        try:
+            lines = f.read().splitlines()
+        except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz file
+            raise TrinityXError(f"{path}: the compressed file is truncated or damaged ({e}); download or copy it "
+                                "again") from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(line.decode("utf-8"))))
+        except json.JSONDecodeError as e:
+            raise TrinityXError(
+                f"{path}: line {line_number}: malformed JSON line ({e.msg}); fix or remove that line"
+            ) from None
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e, f"line {line_number}: ") from None
     return tuple(rows)
 
 
@@ -358,7 +374,11 @@ def load_sft(dimension: str, data_dir, split: str, source: str = "local") -> lis
 def _truthfulqa_rows(path: Path) -> list[TruthfulQAQuestion]:
     columns = ("Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers")
     # utf-8-sig strips the BOM that upstream puts before the first header ("Type").
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
         if missing:

@@ -93,24 +93,24 @@ class GenerationCache:
         self.path = path
         self.outputs: dict[str, str] = {}
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in path.read_bytes().splitlines():
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a killed run (appends start on a fresh line): regenerated
+                    row = json.loads(line.decode("utf-8"))
+                except ValueError:  # not UTF-8 or not JSON
+                    continue  # a line cut by a killed run, maybe inside a character: regenerated
                 self.outputs[row["key"]] = row["output"]
 
     def append(self, rows: list[dict]) -> None:
         """Append rows in one write, then fsync: a batch is either all on disk or (a cut last line) ignored."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        with open(self.path, "a+", encoding="utf-8") as f:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        with open(self.path, "ab+") as f:  # bytes: a cut line may end inside a UTF-8 character
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:
                 f.seek(f.tell() - 1)
-                if f.read(1) != "\n":  # a previous run was killed mid-line: start on a fresh line
-                    text = "\n" + text
+                if f.read(1) != b"\n":  # a previous run was killed mid-line: start on a fresh line
+                    text = b"\n" + text
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
