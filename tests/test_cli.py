@@ -80,3 +80,34 @@ def test_an_unwritable_out_is_refused_before_any_work(command, tiny_backbone, da
         assert exit.value.code == 2
         err = capsys.readouterr().err
         assert f"--out {out}" in err and why in err
+
+
+def test_flags_and_yaml_values_are_checked_before_a_model_loads(tiny_backbone, data_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    for module in ("experts", "routing"):
+        monkeypatch.setattr(f"trinityx.{module}.load_backbone", no_load)
+    common = ["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--out", str(tmp_path / "e")]
+    nested = tmp_path / "nested.yaml"
+    nested.write_text('train:\n  max_steps: "abc"\n')
+    top = tmp_path / "top.yaml"
+    top.write_text("max_steps: 3\n")
+    (tmp_path / "mocae").mkdir()
+    (tmp_path / "mocae" / "mocae_config.json").write_text(json.dumps({"expert_names": ["a", "b"], "backbone": "x"}))
+    cases = [
+        (["train-expert", "--config", str(nested), *common], f"{nested}: train: max_steps: 'abc' is not a valid int"),
+        (["train-expert", "--config", str(top), *common], f"{top}: 'max_steps' belongs under 'train'"),
+        (["train-expert", "--lora-rank", "0", *common], "--lora-rank must be at least 1, got 0"),
+        (["train-experts", "--lora-dropout", "1.5", *common], "--lora-dropout must be in [0, 1)"),
+        (["train-expert", "--warmup-steps", "1", "--max-steps", "0", *common], "--max-steps must be positive"),
+        (["generate", "--run", str(tmp_path / "mocae"), "--prompt", "hi", "--max-new-tokens", "0"],
+         "--max-new-tokens must be at least 1, got 0"),
+        (["generate", "--run", str(tmp_path / "mocae"), "--prompt", "hi", "--weights", "1", "1", "1"],
+         "--weights has 3 values for the 2 experts"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err, argv

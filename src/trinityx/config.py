@@ -1,6 +1,7 @@
 """Configs are typed dataclasses; a YAML file is a saved invocation of the same fields (nested as the dataclass is)."""
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
@@ -15,20 +16,80 @@ def from_dict(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise TrinityXError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = {name: _unannotated(hint) for name, hint in typing.get_type_hints(cls).items()}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
+            owners = [name for name, hint in hints.items()
+                      if dataclasses.is_dataclass(hint) and key in {f.name for f in dataclasses.fields(hint)}]
+            if owners:
+                raise TrinityXError(f"{where}: {key!r} belongs under {owners[0]!r}: write it as "
+                                    f"`{owners[0]}: {{{key}: ...}}`")
             raise TrinityXError(f"{where}: unknown key {key!r}; {cls.__name__} has {sorted(fields)}")
-        hint = typing.get_args(hints[key])[0] if typing.get_origin(hints[key]) is typing.Annotated else hints[key]
+        hint = hints[key]
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, f"{where}: {key}")
-        elif isinstance(value, list) and tuple in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
-            value = tuple(value)  # YAML has lists; tuple fields keep their type
+        else:
+            value = _typed(value, hint, f"{where}: {key}")
         kwargs[key] = value
     missing = [n for n, f in fields.items() if n not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     return cls(**kwargs, **{n: tyro.MISSING for n in missing})
+
+
+def _unannotated(hint):
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+
+
+def _typed(value, hint, where: str):
+    """`value` as a field of type `hint` holds it (YAML lists become tuples), or an error naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return _typed(value, arm, where)
+            except TrinityXError:
+                pass
+    elif origin is typing.Literal:
+        if value in args:
+            return value
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(arms) == len(value):
+            return tuple(_typed(v, arm, f"{where}[{i}]") for i, (v, arm) in enumerate(zip(value, arms)))
+    elif origin is list and isinstance(value, list):
+        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {_typed(k, args[0], where): _typed(v, args[1], f"{where}: {k}") for k, v in value.items()}
+    elif hint is type(None):
+        if value is None:
+            return value
+    elif hint is bool or hint is str:
+        if isinstance(value, hint):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is Path:
+        if isinstance(value, str):
+            return Path(value)
+    else:
+        return value  # a type this check does not know: the dataclass takes it as it is
+    raise TrinityXError(f"{where}: {value!r} is not a valid {_type_name(hint)}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "choice (one of " + ", ".join(map(repr, typing.get_args(hint))) + ")"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def load_yaml(path: str | Path) -> dict:

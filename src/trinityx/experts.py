@@ -32,6 +32,14 @@ class LoraSettings:
     lora_dropout: float = 0.05
     """Dropout on the LoRA input during training."""
 
+    def validate(self) -> None:
+        if self.lora_rank < 1:
+            raise TrinityXError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if not self.lora_alpha > 0:  # also catches nan
+            raise TrinityXError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrinityXError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
 
 @dataclass
 class ExpertConfig:
@@ -135,6 +143,8 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None) -> dict:
     if out.exists() and not cfg.overwrite:
         raise TrinityXError(f"--out {out} already exists; pass --overwrite to replace it or choose another folder")
     check_writable(out, "--out")
+    cfg.lora.validate()
+    cfg.train.validate()
     data_dir = data.resolve_data_dir(cfg.data_dir) if cfg.source == "local" else None
     train = data.load_sft(cfg.dimension, data_dir, "train", source=cfg.source)
     dev = data.load_sft(cfg.dimension, data_dir, "dev", source=cfg.source)
@@ -187,6 +197,8 @@ def train_experts(cfg: ExpertsConfig) -> dict:
     """`trinityx train-experts`: one expert per dimension; finished experts are kept, not retrained."""
     out = Path(cfg.out)
     check_writable(out, "--out")
+    cfg.lora.validate()
+    cfg.train.validate()
     backbone = load_backbone(cfg.backbone, cfg.dtype)
     print(f"backbone {cfg.backbone}: loaded from {backbone.loaded_from} in {backbone.load_seconds:.1f} s")
     summary = {"backbone": cfg.backbone, "backbone_load_seconds": backbone.load_seconds,

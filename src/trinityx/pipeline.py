@@ -136,6 +136,7 @@ class PipelineConfig:
                                 f"({', '.join(data.DIMENSIONS)}), e.g. {{honest: 20}}")
         if self.eval_workers < 1:
             raise TrinityXError(f"--eval-workers must be at least 1, got {self.eval_workers}")
+        self.lora.validate()
 
 
 class Run:
