@@ -381,3 +381,48 @@ def test_a_keyless_server_refuses_web_pages(server, folder, monkeypatch):
         load_served(ServeConfig(run=folder / "missing", host="0.0.0.0"))
     with pytest.raises(TrinityXError, match="--port=70000 is not a TCP port"):
         load_served(ServeConfig(run=folder / "missing", port=70000))
+
+
+def long_question(client, max_tokens):
+    """A question whose greedy answer runs to max_tokens (the tiny model's answers end at random)."""
+    for question in QUESTIONS:
+        if ask(client, question, max_tokens=max_tokens).choices[0].finish_reason == "length":
+            return question
+    pytest.skip("no fixture question runs to max_tokens on this tiny model")
+
+
+def test_a_client_that_disconnects_cancels_its_generation(folder, client):
+    question = long_question(client, 60)
+    served, thread = start(folder, max_batch_size=2, batch_wait_ms=0)
+    slow(served, 0.05)  # 60 steps: 3 s
+    calls = {"n": 0}
+    forward = served.engine.forward
+
+    def counting(**kwargs):
+        calls["n"] += 1
+        return forward(**kwargs)
+
+    served.engine.forward = counting
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 60}
+    with thread as url:
+        with pytest.raises(httpx2.TimeoutException):
+            post(url, body, timeout=0.4)  # a non-streaming client that gives up
+        wait_for(served, "batches", 1, timeout=2.0)  # the batch ended long before its 60 steps
+    assert calls["n"] < 30
+
+
+def test_a_new_request_joins_a_running_batch(folder, client, reference):
+    question = long_question(client, 60)
+    served, thread = start(folder, max_batch_size=4, batch_wait_ms=0)
+    slow(served, 0.05)
+    with thread as url, ThreadPoolExecutor(1) as pool:
+        long = pool.submit(post, url, {"model": MODEL, "messages": [{"role": "user", "content": question}],
+                                       "max_tokens": 60}, timeout=30)
+        wait_for(served, "running", 1)
+        short = post(url, {"model": MODEL, "messages": [{"role": "user", "content": QUESTIONS[2]}], "max_tokens": 4},
+                     timeout=30)
+        assert short.status_code == 200 and served.engine.stats()["batches"] == 0  # answered inside the long batch
+        assert not long.done()
+        # Joining changes no greedy answer: each equals the model's own answer alone.
+        assert short.json()["choices"][0]["message"]["content"] == hf_answer(reference, QUESTIONS[2], 4)[0]
+        assert long.result().json()["choices"][0]["message"]["content"] == hf_answer(reference, question, 60)[0]

@@ -11,8 +11,11 @@ runs micro-batches: it takes the first queued request, waits up to `--batch-wait
 `--max-batch-size`), left-pads them into one batch and decodes them together with a KV cache. Each row has
 its own gates (sequence routing folds the weighted experts into one delta per row, `mocae/layer.py`), its
 own sampling settings, token budget and stop strings; a row that finishes leaves the batch at once (its
-cache rows are dropped and the gates re-folded), so a short answer never waits for a long one. Left
-padding with position ids that skip the pads makes a row's greedy answer the same in any batch.
+cache rows are dropped and the gates re-folded), so a short answer never waits for a long one, and a request
+that arrives while a batch decodes joins it between two decode steps (prefilled on its own, its cache rows
+appended; continuous batching, as vLLM and TGI do), so it never waits for a long answer either. A client
+that disconnects stops its row at the next step. Left padding with position ids that skip the pads makes a
+row's greedy answer the same in any batch.
 
 Legend: B batch (active rows), T tokens, K experts, V vocabulary.
 """
@@ -37,6 +40,7 @@ from urllib.parse import urlsplit
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from trinityx.backbones import PLAIN_TEMPLATE, context_error, load_backbone
 from trinityx.errors import TrinityXError
@@ -211,13 +215,11 @@ def next_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     return chosen
 
 
-@torch.inference_mode()
-def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int], forward=None) -> None:
-    """Answer `rows` together: route, prefill a left-padded batch, then decode token by token with a KV cache.
+def prefill(model: MoCaEModel, tokenizer, rows: list[Row], forward) -> tuple[DynamicCache, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor]:
+    """Route `rows` and prefill them as one left-padded batch: (KV cache, mask [B, T], gates [B, K], logits [B, V]).
 
-    `forward` is the backbone call (default `model.backbone`); each row's events go to its `emit`.
-    """
-    forward = forward or model.backbone
+    Leaves each row's gates folded into the mixture layers, ready for the decode steps."""
     pad = tokenizer.pad_token_id
     longest = max(len(r.prompt_ids) for r in rows)
     ids = torch.tensor([[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in rows])  # [B, T]
@@ -225,20 +227,60 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
     for row in rows:
         if row.temperature and row.seed is not None:
             row.generator = torch.Generator().manual_seed(row.seed)
+    for m in model.mixtures:  # the routing pass reads the bare backbone, whatever a running batch has folded
+        m.clear()
     gates = row_gates(model, model.route(ids, mask), rows)  # [B, K]
     for row, g in zip(rows, gates):
         row.emit(("gates", g.tolist()))
-    trackers = [TextTracker(tokenizer, row.stop) for row in rows]
-    active = list(range(len(rows)))  # indices into rows of the batch's current rows
     cache = DynamicCache(config=model.backbone.config)
-    with model.apply_gates(gates, fold=True):
-        out = forward(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
-                      use_cache=True, logits_to_keep=1)
+    for m in model.mixtures:
+        m.fold(gates)
+    out = forward(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
+    return cache, mask, gates, out.logits[:, -1, :]
+
+
+def joinable(model: MoCaEModel) -> bool:
+    """Whether new rows can join a running batch: every cache layer a plain growing one. A sliding-window layer
+    (Gemma 3) keeps the last W positions of each batch, which two batches of other lengths do not share."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.backbone.config).layers)
+
+
+def stack_caches(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append the rows of `new` to `cache` (KV [B, H, T, D] per layer), left-padding the shorter batch with masked
+    zeros, as the prefill pads a short prompt; returns the joint mask [B + B', T]. Positions come from the mask, so
+    the padding changes no row's answer."""
+    T = max(mask.shape[1], new_mask.shape[1])
+
+    def left(x: torch.Tensor, dim: int) -> torch.Tensor:
+        pad = [0, 0] * (-dim - 1) + [T - x.shape[dim], 0]
+        return torch.nn.functional.pad(x, pad)
+
+    for layer, other in zip(cache.layers, new.layers):
+        layer.keys = torch.cat([left(layer.keys, -2), left(other.keys, -2)])
+        layer.values = torch.cat([left(layer.values, -2), left(other.values, -2)])
+    return torch.cat([left(mask, -1), left(new_mask, -1)])
+
+
+@torch.inference_mode()
+def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int], forward=None,
+              join: Callable[[list[Row]], list[Row]] | None = None) -> None:
+    """Answer `rows` together: route, prefill a left-padded batch, then decode token by token with a KV cache.
+
+    `forward` is the backbone call (default `model.backbone`); each row's events go to its `emit`. Between two
+    decode steps, `join(running rows)` hands over rows that arrived since: they are prefilled on their
+    own and their cache rows join the batch's (continuous batching, as vLLM and TGI do), so a long answer never
+    holds a new request back.
+    """
+    forward = forward or model.backbone
+    cache, mask, gates, logits = prefill(model, tokenizer, rows, forward)
+    active = list(rows)
+    trackers = [TextTracker(tokenizer, row.stop) for row in rows]
+    try:
         while True:
-            chosen = next_tokens(out.logits[:, -1, :], [rows[i] for i in active])  # [B]
+            chosen = next_tokens(logits, active)  # [B]
             keep = []
-            for j, i in enumerate(active):
-                row, tracker = rows[i], trackers[i]
+            for j, (row, tracker) in enumerate(zip(active, trackers)):
                 if row.cancelled:
                     continue
                 if chosen[j] in stop_ids:
@@ -253,20 +295,35 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
                     row.emit(("done", "stop" if stopped else "length", len(tracker.ids)))
                     continue
                 keep.append(j)
-            if not keep:
+            newcomers = join([active[j] for j in keep]) if join is not None else []
+            if not keep and not newcomers:
                 return
-            tokens = torch.tensor([chosen[j] for j in keep])[:, None]  # [B, 1]
-            if len(keep) < len(active):  # finished rows leave the batch: drop their cache rows, re-fold the gates
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index)
-                mask = mask[index]
-                active = [active[j] for j in keep]
-                gates = gates[index]
+            if keep:
+                tokens = torch.tensor([chosen[j] for j in keep])[:, None]  # [B, 1]
+                if len(keep) < len(active):  # finished rows leave the batch: drop their cache rows, re-fold the gates
+                    index = torch.tensor(keep)
+                    cache.batch_select_indices(index)
+                    mask, gates = mask[index], gates[index]
+                    active, trackers = [active[j] for j in keep], [trackers[j] for j in keep]
+                    for m in model.mixtures:
+                        m.fold(gates)
+                mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)  # [B, T + 1]
+                logits = forward(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                                 past_key_values=cache, use_cache=True).logits[:, -1, :]  # [B, V]
+            if newcomers:
+                new_cache, new_mask, new_gates, new_logits = prefill(model, tokenizer, newcomers, forward)
+                if keep:
+                    mask = stack_caches(cache, mask, new_cache, new_mask)
+                    gates, logits = torch.cat([gates, new_gates]), torch.cat([logits, new_logits])
+                    active, trackers = active + newcomers, trackers + [TextTracker(tokenizer, r.stop) for r in newcomers]
+                else:
+                    cache, mask, gates, logits = new_cache, new_mask, new_gates, new_logits
+                    active, trackers = list(newcomers), [TextTracker(tokenizer, r.stop) for r in newcomers]
                 for m in model.mixtures:
                     m.fold(gates)
-            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)  # [B, T + 1]
-            out = forward(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                          past_key_values=cache, use_cache=True)
+    finally:
+        for m in model.mixtures:
+            m.clear()
 
 
 def stop_token_ids(model: MoCaEModel, tokenizer) -> set[int]:
@@ -314,6 +371,7 @@ class Engine:
         self.max_batch_size, self.batch_wait, self.max_queue = max_batch_size, batch_wait_ms / 1000, max_queue
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.forward = model.backbone  # the backbone call (tests wrap it to make a slow model)
+        self.joins = joinable(model)
         self.pending: deque[Row] = deque()
         self.running: list[Row] = []
         self.cond = threading.Condition()
@@ -352,7 +410,17 @@ class Engine:
                 self.cond.wait(left)
             batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
             self.running = [r for r in batch if not r.cancelled]
-            return self.running
+            return list(self.running)
+
+    def _join(self, running: list[Row]) -> list[Row]:
+        """Rows queued since the batch started, as many as fit beside its `running` rows."""
+        with self.cond:
+            rows = []
+            if self.joins and not self.closed:
+                rows = [self.pending.popleft() for _ in range(min(self.max_batch_size - len(running), len(self.pending)))]
+                rows = [r for r in rows if not r.cancelled]
+            self.running = running + rows
+            return rows
 
     def _work(self) -> None:
         while True:
@@ -362,9 +430,11 @@ class Engine:
             if not batch:
                 continue
             try:
-                run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward)
+                run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward, self._join)
             except Exception as e:  # a failed batch answers its requests with a 500; the server keeps serving
                 traceback.print_exc()
+                with self.cond:
+                    batch = list(self.running)  # with the rows that joined it
                 for row in batch:
                     row.emit(("error", 500, f"generation failed: {type(e).__name__}: {e}", "generation_failed"))
             with self.cond:
@@ -633,7 +703,14 @@ def build_app(served: Served):
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
         return events
 
-    async def answer(req: CommonRequest, row: Row, chat: bool):
+    async def cancel_on_disconnect(request: Request, row: Row) -> None:
+        # The body has been read, so the next ASGI message is the client's disconnect (or the answer's end):
+        # a client that gave up stops its row at the next decode step instead of holding a batch slot.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        row.cancelled = True
+
+    async def answer(request: Request, req: CommonRequest, row: Row, chat: bool):
         kind = "chat.completion" if chat else "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         events = submit(row)
@@ -648,6 +725,7 @@ def build_app(served: Served):
 
         if not req.stream:
             text = []
+            watcher = asyncio.create_task(cancel_on_disconnect(request, row))
             try:
                 while True:
                     event = await events.get()
@@ -661,6 +739,7 @@ def build_app(served: Served):
                         finish, n_tokens = event[1], event[2]
                         break
             finally:
+                watcher.cancel()
                 row.cancelled = True  # no-op once done; stops the row if this handler is cancelled
             content = "".join(text)
             choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
@@ -724,12 +803,12 @@ def build_app(served: Served):
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages has no user message", param="messages", code="invalid_value")
         text = render_chat(engine.tokenizer, engine.prompt_format, messages)
-        return await answer(req, make_row(req, text, add_special_tokens=False), chat=True)
+        return await answer(request, req, make_row(req, text, add_special_tokens=False), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        return await answer(req, make_row(req, req.prompt, add_special_tokens=True), chat=False)
+        return await answer(request, req, make_row(req, req.prompt, add_special_tokens=True), chat=False)
 
     return app
 
