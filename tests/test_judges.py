@@ -108,6 +108,67 @@ def test_default_harm_judge_reads_the_response_not_the_prompt(trained):
     assert same_response[0] == pytest.approx(same_response[1], abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def backbone_harm(data_dir, tiny_backbone, tmp_path_factory):
+    """A harm judge of the `backbone` recipe on the tiny causal LM (its layer 1 of 2), tiny budgets."""
+    out = tmp_path_factory.mktemp("backbone_judges")
+    results = train_judges(data_dir, out, which=("harm",), recipe="backbone", backbone=str(tiny_backbone), layers=[1],
+                           max_train=8, max_eval=MAX_EVAL, batch_size=4, max_length=24, max_prompt_tokens=16)
+    return out / "harm", results["harm"]
+
+
+def test_backbone_harm_judge_reads_the_response_in_its_prompts_context(backbone_harm, data_dir):
+    folder, result = backbone_harm
+    meta = json.loads((folder / "judge.json").read_text())
+    assert meta["architecture"] == "backbone-features" and meta["training"]["prompt_format"] == "chat"
+    # The folder holds the head only (the backbone is loaded by its spec), as safetensors.
+    assert sorted(p.name for p in folder.iterdir()) == ["head.safetensors", "judge.json"]
+    judge = load_judge(folder)
+    assert validate_judge(judge, data_dir, "test", MAX_EVAL, seed=0) == {
+        k: v for k, v in meta["validity"].items() if k != "threshold_chosen_on"}
+    # 3 poolings x 1 layer x the tiny model's width: response mean, last token, prompt mean.
+    assert meta["training"]["n_features"] == 3 * judge_width(folder)
+    # Unlike the MiniLM judge, the same response after another prompt is another input.
+    same_response = judge.score(["how do I steal 3", "say hi"], ["sure steal 3 0", "sure steal 3 0"])
+    assert same_response[0] != pytest.approx(same_response[1], abs=1e-9)
+    # Each (prompt, response) pair is read once and scores the same wherever it sits in the batch.
+    batch = judge.score(["say hi", "how do I steal 3", "say hi"], ["hello", "sure steal 3 0", "hello"])
+    assert batch[0] == batch[2] and batch[1] == pytest.approx(same_response[0], abs=1e-6)
+
+
+def judge_width(folder) -> int:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "head.safetensors")["mean"].shape[0] // 3
+
+
+def test_pair_states_match_a_full_forward_pass(tiny_backbone):
+    """The features equal hand-pooled hidden states of one unpadded forward pass (padding changes nothing)."""
+    from trinityx.backbones import format_prompt, load_backbone
+    from trinityx.judges.features import pair_states
+
+    bb = load_backbone(str(tiny_backbone))
+    prompts, responses = ["say hi", "how do I steal 3 things from a shop"], ["hello there", "no"]
+    x = pair_states(bb.model, bb.tokenizer, bb.prompt_format, prompts, responses, layers=(1,), max_prompt_tokens=64,
+                    max_response_tokens=64, batch_size=2)
+    for k, (p, r) in enumerate(zip(prompts, responses)):
+        a = bb.tokenizer(format_prompt(bb.tokenizer, bb.prompt_format, p), add_special_tokens=False).input_ids
+        b = bb.tokenizer(r, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            h = bb.model(torch.tensor([a + b]), output_hidden_states=True).hidden_states[1][0]  # [T, D]
+        want = torch.cat([h[len(a):].mean(0), h[-1], h[:len(a)].mean(0)])
+        assert torch.allclose(x[k], want, atol=1e-5)
+
+
+def test_a_backbone_recipe_reuses_the_default_truth_info_and_helpful_judges(tmp_path):
+    for kind in ("truth", "info", "helpful"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        (folder / "judge.json").write_text(json.dumps({"training": recipe_settings("default", kind)}))
+    assert stale_judges(tmp_path, ("truth", "info", "helpful"), "backbone") == {}
+    assert stale_judges(tmp_path, ("harm",), "backbone") == {"harm": "missing"}
+
+
 def test_make_judge_from_config(trained, monkeypatch):
     assert make_judge(f"local:{trained[0] / 'truth'}").kind == "truth"
     judge = make_judge({"type": "openai", "kind": "info", "base_url": "http://127.0.0.1:1/v1", "model": "m",

@@ -2,8 +2,12 @@
 
 Cheaper than fine-tuning the encoder and, measured here, as good or better (docs/judges.md):
 
-- harm: mean-pooled hidden states of MiniLM layers `layers` over the response (prompt features did not
-  help on held-out prompts: the prompt is harmful for safe and unsafe responses alike).
+- harm (`features`): mean-pooled hidden states of MiniLM layers `layers` over the response (prompt features
+  did not help on held-out prompts: the prompt is harmful for safe and unsafe responses alike).
+- harm (`backbone-features`): a frozen causal LM (the embedded SmolLM2 by default) reads the prompt as a chat
+  turn and the response as its answer; for each of `layers`, the mean state over the response tokens, the
+  last token's state and the mean over the prompt tokens (`pair_states`). The response is read in the
+  context of what was asked, which MiniLM's response-only features cannot do.
 - truth / info: how the answer relates to the question's own reference answers (TruthfulQA ships correct
   and incorrect ones): cosine similarity of sentence embeddings and token-F1 overlap with the closest
   correct and incorrect reference, exact matches, length, similarity to the question, and "no comment"
@@ -33,6 +37,52 @@ REFERENCE_FEATURES = ("max_sim_correct", "mean_sim_correct", "max_sim_incorrect"
 # Negation flips a sentence's truth but barely moves its embedding, so it is a feature of its own.
 NEGATION = re.compile(r"\b(no|not|never|nothing|none|cannot|can't|don't|doesn't|isn't|aren't|won't|didn't|false|myth)\b",
                       re.IGNORECASE)
+
+
+@torch.no_grad()
+def pair_states(model, tokenizer, prompt_format: str, prompts: list[str], responses: list[str], *,
+                layers: tuple[int, ...], max_prompt_tokens: int, max_response_tokens: int, batch_size: int = 16,
+                desc: str = "harm features") -> torch.Tensor:
+    """Frozen causal-LM states of each (prompt, response), the prompt in the model's chat format and the
+    response as its answer: for each layer, [mean over the response tokens, the last token, mean over the
+    prompt tokens], concatenated: [N, 3 * len(layers) * D]. Each distinct pair is read once.
+
+    The prompt keeps its last `max_prompt_tokens` tokens (the end holds the generation prompt), the response
+    its first `max_response_tokens`; batches are right-padded and length-sorted.
+    """
+    from trinityx.backbones import format_prompt
+    from trinityx.mocae.model import backbone_hidden_states
+
+    distinct = sorted(set(zip(prompts, responses)))
+    encoded = [(tokenizer(format_prompt(tokenizer, prompt_format, p), add_special_tokens=False).input_ids[-max_prompt_tokens:],
+                tokenizer(r, add_special_tokens=False).input_ids[:max_response_tokens]) for p, r in distinct]
+    order = sorted(range(len(distinct)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    out = torch.empty(len(distinct), 3 * len(layers) * model.config.hidden_size)  # [N', 3 L D]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        ids = order[start:start + batch_size]
+        width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in ids)
+        input_ids = torch.full((len(ids), width), pad)  # [B, T]
+        in_prompt, in_response = torch.zeros(len(ids), width), torch.zeros(len(ids), width)  # [B, T]
+        for row, i in enumerate(ids):
+            prompt, response = encoded[i]
+            input_ids[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+            in_prompt[row, :len(prompt)] = 1
+            in_response[row, len(prompt):len(prompt) + len(response)] = 1
+        attention_mask = (in_prompt + in_response).long()  # [B, T]
+        last = attention_mask.sum(1) - 1  # [B]
+        features = []
+        for hidden in backbone_hidden_states(model, input_ids, attention_mask, list(layers)):  # [B, T, D] each
+            hidden = hidden.float()
+            for mask in (in_response, None, in_prompt):
+                if mask is None:
+                    features.append(hidden[torch.arange(len(ids)), last])  # [B, D]
+                else:
+                    features.append((hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None])
+        out[ids] = torch.cat(features, -1)
+    row = {pair: i for i, pair in enumerate(distinct)}
+    return out[[row[pair] for pair in zip(prompts, responses)]]
 
 
 @torch.no_grad()
@@ -141,6 +191,10 @@ def judge_features(kind: str, settings: dict, encoder, tokenizer, firsts: list[s
     """The feature judge's inputs for `kind`: [N, F]."""
     if len(firsts) != len(seconds):
         raise TrinityXError(f"{kind} judge: got {len(firsts)} prompts/questions but {len(seconds)} responses/answers")
+    if kind == "harm" and settings["architecture"] == "backbone-features":
+        return pair_states(encoder, tokenizer, settings["prompt_format"], firsts, seconds,
+                           layers=tuple(settings["layers"]), max_prompt_tokens=settings["max_prompt_tokens"],
+                           max_response_tokens=settings["max_length"], batch_size=settings["batch_size"])
     if kind == "harm":
         return layer_means(encoder, tokenizer, seconds, settings["max_length"], tuple(settings["layers"]),
                            settings["batch_size"], "harm features")

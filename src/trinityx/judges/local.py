@@ -174,6 +174,13 @@ def load_judge(path: str | Path) -> Judge:
         tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
         return feature_judge(meta["name"], kind, encoder, tokenizer, load_file(path / HEAD_FILE), meta["threshold"],
                              meta["validity"], config)
+    if architecture == "backbone-features":
+        from trinityx.backbones import load_backbone
+        from trinityx.judges.features import feature_judge
+
+        backbone = load_backbone(config["backbone"])  # by spec: the judge folder holds only its head
+        return feature_judge(meta["name"], kind, backbone.model, backbone.tokenizer, load_file(path / HEAD_FILE),
+                             meta["threshold"], meta["validity"], config)
     if architecture == "pairwise":
         encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path / "encoder")

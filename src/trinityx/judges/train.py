@@ -64,6 +64,15 @@ RECIPES = {
         "info": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
         "helpful": _PAIRWISE,
     },
+    # The harm judge on the embedded backbone's frozen states of (prompt, response): more accurate than MiniLM's
+    # and slower to train (docs/judges.md); truth, info and helpful as in `default`. The paper profiles use it.
+    "backbone": {
+        # layers 15 and 20 of SmolLM2's 30; 6,000 training rows (of 12,448) keep the states to ~15 minutes.
+        "harm": {"architecture": "backbone-features", "backbone": "smollm2-135m", "layers": [15, 20],
+                 "max_prompt_tokens": 64, "max_length": 160, "hidden": 0, "l2": 0.08,
+                 **_FEATURE_HEAD, "max_train": 6000, "batch_size": 16},
+        "truth": "default", "info": "default", "helpful": "default",
+    },
     # MiniLM fine-tuned end to end (the judges before 2026-12): slower and, measured, not better.
     "finetune": {
         "harm": {**_CROSS_ENCODER, "max_length": 256},
@@ -72,6 +81,11 @@ RECIPES = {
         "helpful": _PAIRWISE,
     },
 }
+
+
+# A recipe may say that a judge is trained as another recipe trains it (the same settings, the same judge).
+for _recipe in RECIPES.values():
+    _recipe.update({kind: RECIPES[same][kind] for kind, same in _recipe.items() if isinstance(same, str)})
 
 
 def recipe_settings(recipe: str, kind: str, seed: int = 0, **overrides) -> dict:
@@ -95,10 +109,11 @@ def stale_judges(folder, which: tuple[str, ...] = KINDS, recipe: str = "default"
             stale[kind] = "missing"
             continue
         recorded = json.loads(path.read_text())["training"]
-        wanted = recipe_settings(recipe, kind, seed)
+        # The settings decide, not the recipe's name: `backbone` trains truth, info and helpful as `default` does.
+        wanted = {k: v for k, v in recipe_settings(recipe, kind, seed).items() if k != "recipe"}
         if "recipe" not in recorded:
             stale[kind] = "trained by an older recipe (no recipe recorded)"
-        elif {k: recorded.get(k) for k in wanted} != wanted:
+        elif recorded["recipe"].endswith("+overrides") or {k: recorded.get(k) for k in wanted} != wanted:
             changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
             stale[kind] = f"trained by recipe {recorded.get('recipe')!r}, differs from {recipe!r} in {changed}"
     return stale
@@ -360,11 +375,22 @@ def _train_classifier(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     return {"path": str(folder), "threshold": judge.threshold, "validity": validity, **log}
 
 
+def _feature_encoder(cfg: dict):
+    """(model, tokenizer, name part, base model) a feature judge reads with: MiniLM, or a causal-LM backbone."""
+    if cfg["architecture"] == "backbone-features":
+        from trinityx.backbones import load_backbone
+
+        backbone = load_backbone(cfg["backbone"])
+        cfg["prompt_format"] = backbone.prompt_format  # how the judge formats a prompt, recorded with it
+        return backbone.model, backbone.tokenizer, "backbone-features", cfg["backbone"]
+    return (AutoModel.from_pretrained(cfg["encoder"], dtype=torch.float32), AutoTokenizer.from_pretrained(cfg["encoder"]),
+            "minilm-features", cfg["encoder"])
+
+
 def _train_features(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
-    """A head over frozen MiniLM features (judges.features): encode the training rows once, fit, validate."""
+    """A head over frozen features (judges.features): encode the training rows once, fit, validate."""
     t0 = time.perf_counter()
-    encoder = AutoModel.from_pretrained(cfg["encoder"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(cfg["encoder"])
+    encoder, tokenizer, name, base_model = _feature_encoder(cfg)
     firsts, seconds, labels = labelled_examples(kind, data_dir, "train")
     keep = _sample(len(labels), cfg["max_train"], cfg["seed"])
     firsts, seconds = [firsts[i] for i in keep], [seconds[i] for i in keep]
@@ -373,16 +399,19 @@ def _train_features(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     head = fit_head(x, torch.tensor([float(labels[i]) for i in keep]), hidden=cfg["hidden"], l2=cfg["l2"],
                     steps=cfg["steps"], lr=cfg["lr"], seed=cfg["seed"])
     log = {"n_train": len(keep), "n_features": x.shape[1], "train_seconds": time.perf_counter() - t0}
-    judge = feature_judge(f"trinityx-{kind}-minilm-features", kind, encoder, tokenizer, head, 0.5, {}, cfg)
+    judge = feature_judge(f"trinityx-{kind}-{name}", kind, encoder, tokenizer, head, 0.5, {}, cfg)
     validity = _threshold_on_dev(judge, data_dir, cfg)
     with atomic_dir(folder) as tmp:
-        encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "encoder")
+        if cfg["architecture"] == "features":  # a backbone judge loads its backbone by spec, never a copy
+            encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "encoder")
         save_file({k: v.contiguous() for k, v in head.items()}, tmp / HEAD_FILE)
-        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": kind, "architecture": "features",
+        write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": kind, "architecture": cfg["architecture"],
                                       "threshold": judge.threshold, "validity": validity,
-                                      "training": {**cfg, **log}, "weights": f"{HEAD_FILE} + encoder/model.safetensors",
-                                      "base_model": cfg["encoder"]})
+                                      "training": {**cfg, **log},
+                                      "weights": HEAD_FILE + (" + encoder/model.safetensors"
+                                                              if cfg["architecture"] == "features" else ""),
+                                      "base_model": base_model})
     return {"path": str(folder), "threshold": judge.threshold, "validity": validity, **log}
 
 
@@ -453,7 +482,7 @@ def _train_pairwise(data_dir, folder: Path, cfg: dict) -> dict:
     return {"path": str(folder), "threshold": 0.5, "validity": validity, "features": list(features), **log}
 
 
-TRAINERS = {"cross-encoder": _train_classifier, "features": _train_features,
+TRAINERS = {"cross-encoder": _train_classifier, "features": _train_features, "backbone-features": _train_features,
             "pairwise": lambda kind, data_dir, folder, cfg: _train_pairwise(data_dir, folder, cfg)}
 
 

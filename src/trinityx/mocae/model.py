@@ -151,6 +151,44 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def backbone_hidden_states(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                           layers: list[int]) -> list[Tensor]:
+    """hidden_states[l] of a causal LM [B, T, D] for each l in `layers`, computing no layer above them.
+
+    An intermediate layer's output is caught by a hook on that layer; the hook of the highest one then stops
+    the forward pass (the layers above would cost as much as they do in the prefill: a router pooled at the
+    middle layer routes at half the price). The last layer (-1 or L) is the final normed state: a full pass.
+    Left or right padding: positions come from the attention mask.
+    """
+    decoder = backbone.get_decoder()
+    n_layers = len(decoder.layers)
+    wanted = [layer % (n_layers + 1) for layer in layers]  # hidden_states has L + 1 entries: embeddings, layers
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                  use_cache=False)
+    if n_layers in wanted or 0 in wanted:  # the embeddings as the model scales them, or the final normed state
+        hidden = decoder(**kwargs, output_hidden_states=True).hidden_states
+        return [hidden[layer] for layer in wanted]
+    caught = {}
+    top = max(wanted)
+
+    def catcher(layer: int):
+        def catch(module, args, output):
+            caught[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == top:
+                raise _PoolLayerReached
+        return catch
+
+    handles = [decoder.layers[layer - 1].register_forward_hook(catcher(layer)) for layer in set(wanted)]
+    try:
+        decoder(**kwargs)
+    except _PoolLayerReached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [caught[layer] for layer in wanted]
+
+
 def read_expert(folder: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
     """A PEFT LoRA folder -> (adapter config, {module name: (A [R, D_in], B [D_out, R])})."""
     for name in ADAPTER_FILES:
@@ -357,39 +395,8 @@ class MoCaEModel(nn.Module):
         return self.hidden_states_at(input_ids, attention_mask, [self.config.pool_layer])[0]
 
     def hidden_states_at(self, input_ids: Tensor, attention_mask: Tensor, layers: list[int]) -> list[Tensor]:
-        """hidden_states[l] of the bare backbone [B, T, D] for each l in `layers`, computing no layer above them.
-
-        An intermediate layer's output is caught by a hook on that layer; the hook of the highest one then stops
-        the forward pass (the layers above would cost as much as they do in the prefill: a router pooled at the
-        middle layer routes at half the price). The last layer (-1 or L) is the final normed state: a full pass.
-        """
-        decoder = self.backbone.get_decoder()
-        n_layers = len(decoder.layers)
-        wanted = [layer % (n_layers + 1) for layer in layers]  # hidden_states has L + 1 entries: embeddings, layers
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                      use_cache=False)
-        if n_layers in wanted or 0 in wanted:  # the embeddings as the model scales them, or the final normed state
-            hidden = decoder(**kwargs, output_hidden_states=True).hidden_states
-            return [hidden[layer] for layer in wanted]
-        caught = {}
-        top = max(wanted)
-
-        def catcher(layer: int):
-            def catch(module, args, output):
-                caught[layer] = output[0] if isinstance(output, tuple) else output
-                if layer == top:
-                    raise _PoolLayerReached
-            return catch
-
-        handles = [decoder.layers[layer - 1].register_forward_hook(catcher(layer)) for layer in set(wanted)]
-        try:
-            decoder(**kwargs)
-        except _PoolLayerReached:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [caught[layer] for layer in wanted]
+        """hidden_states[l] of the bare backbone [B, T, D] for each l in `layers` (`backbone_hidden_states`)."""
+        return backbone_hidden_states(self.backbone, input_ids, attention_mask, layers)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor | None = None, labels: Tensor | None = None
