@@ -398,3 +398,21 @@ def test_a_feature_judge_of_another_feature_set_stops_with_a_clear_message(tiny_
     head = {"mean": torch.zeros(14), "std": torch.ones(14), "w": torch.zeros(14), "b": torch.zeros(())}
     with pytest.raises(TrinityXError, match="retrain it"):
         feature_judge("old-truth", "truth", None, None, head, 0.5, {}, {})
+
+
+def test_a_recipe_has_its_own_cache_folder_and_adopts_the_default_judges_it_shares(tmp_path, monkeypatch):
+    from trinityx.evaluate import resolve_judges_dir
+    from trinityx.judges.train import adopt_judges
+
+    monkeypatch.setenv("TRINITYX_JUDGES", str(tmp_path / "cache"))
+    default, backbone = resolve_judges_dir(None), resolve_judges_dir(None, "backbone")
+    assert default == tmp_path / "cache" and backbone == tmp_path / "cache" / "recipes" / "backbone"
+    assert resolve_judges_dir(tmp_path / "mine", "backbone") == tmp_path / "mine"  # a given folder is used as is
+    (default / "truth").mkdir(parents=True)
+    (default / "truth" / "judge.json").write_text(json.dumps({"training": recipe_settings("default", "truth")}))
+    (default / "harm").mkdir()
+    (default / "harm" / "judge.json").write_text(json.dumps({"training": recipe_settings("default", "harm")}))
+    still = adopt_judges(backbone, stale_judges(backbone, ("truth", "harm"), "backbone"), "backbone", default)
+    # The default truth judge has the backbone recipe's truth settings: copied. Its harm judge does not: trained.
+    assert still == {"harm": "missing"} and stale_judges(backbone, ("truth",), "backbone") == {}
+    assert not (backbone / "harm").exists()

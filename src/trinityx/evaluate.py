@@ -113,8 +113,13 @@ class EvaluateConfig:
 # Judges
 
 
-def resolve_judges_dir(judges_dir: str | Path | None) -> Path:
-    return Path(judges_dir or os.environ.get(JUDGES_ENV) or Path.home() / ".cache" / "trinityx" / "judges")
+def resolve_judges_dir(judges_dir: str | Path | None, recipe: str = "default") -> Path:
+    """The judges folder: `judges_dir` if given, else $TRINITYX_JUDGES or ~/.cache/trinityx/judges for the
+    `default` recipe and its subfolder `recipes/<recipe>` for another (recipes never overwrite each other)."""
+    if judges_dir:
+        return Path(judges_dir)
+    cache = Path(os.environ.get(JUDGES_ENV) or Path.home() / ".cache" / "trinityx" / "judges")
+    return cache if recipe == "default" else cache / "recipes" / recipe
 
 
 def load_judges(axes, judges_dir, overrides: dict[str, str]):

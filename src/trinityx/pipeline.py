@@ -368,10 +368,11 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
     """Reuse trained judges (they do not depend on the backbone); train the missing or stale ones."""
     from trinityx.evaluate import resolve_judges_dir
     from trinityx.judges import load_judge
-    from trinityx.judges.train import stale_judges, train_judges
+    from trinityx.judges.train import adopt_judges, stale_judges, train_judges
 
-    folder = resolve_judges_dir(run.cfg.judges_dir)
-    stale = stale_judges(folder, JUDGE_KINDS, run.cfg.judge_recipe)
+    folder = resolve_judges_dir(run.cfg.judges_dir, run.cfg.judge_recipe)
+    stale = adopt_judges(folder, stale_judges(folder, JUDGE_KINDS, run.cfg.judge_recipe), run.cfg.judge_recipe,
+                         resolve_judges_dir(run.cfg.judges_dir))
     for kind, why in stale.items():
         print(f"{kind} judge in {folder}: {why}; training it (once; later runs reuse it)")
     if stale:

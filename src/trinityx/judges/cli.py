@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trinityx import data
-from trinityx.judges.train import KINDS, RECIPES, stale_judges, train_judges
+from trinityx.judges.train import KINDS, RECIPES, adopt_judges, stale_judges, train_judges
 
 
 @dataclass
@@ -12,15 +12,18 @@ class TrainJudgesConfig:
     """Train the local judges by a recipe (trinityx.judges.train.RECIPES) and measure their validity on held-out data."""
 
     out: Path | None = None
-    """Judges folder (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges, where `evaluate` and `run` look)."""
+    """Judges folder (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges, where `evaluate` and `run` look; a
+    recipe other than default in its subfolder recipes/<recipe>, where `run` with that judge_recipe looks)."""
     data_dir: str | None = None
     """Folder laid out like ../shared/data (default: $TRINITYX_DATA_DIR)."""
     which: tuple[str, ...] = KINDS
     """Judges to train: harm, truth, info, helpful."""
     recipe: str = "default"
-    """How the judges are trained: default (frozen MiniLM features + a small head) or finetune (MiniLM end to end)."""
+    """How the judges are trained: default (frozen MiniLM features + a small head), backbone (the harm judge on the
+    embedded SmolLM2's frozen states; slower, more accurate) or finetune (MiniLM end to end)."""
     resume: bool = False
-    """Train only the judges in `which` that are missing or were trained by another recipe (a killed run resumes)."""
+    """Train only the judges in `which` that are missing or were trained by another recipe (a killed run resumes);
+    a judge the default folder holds with this recipe's settings is copied, not trained again."""
     seed: int = 0
     """Seed of the subsets and the training."""
     threads: int = 2
@@ -32,8 +35,11 @@ def train_judges_cli(cfg: TrainJudgesConfig) -> dict:
 
     if cfg.recipe not in RECIPES:
         raise ValueError(f"--recipe {cfg.recipe!r} is unknown; choose from {', '.join(RECIPES)}")
-    out = resolve_judges_dir(cfg.out)
-    which = tuple(stale_judges(out, cfg.which, cfg.recipe, cfg.seed)) if cfg.resume else cfg.which
+    out = resolve_judges_dir(cfg.out, cfg.recipe)
+    which = cfg.which
+    if cfg.resume:
+        which = tuple(adopt_judges(out, stale_judges(out, cfg.which, cfg.recipe, cfg.seed), cfg.recipe,
+                                   resolve_judges_dir(cfg.out), cfg.seed))
     results = train_judges(data.resolve_data_dir(cfg.data_dir), out, which=which, recipe=cfg.recipe,
                            seed=cfg.seed, threads=cfg.threads)
     for kind, r in results.items():

@@ -119,6 +119,26 @@ def stale_judges(folder, which: tuple[str, ...] = KINDS, recipe: str = "default"
     return stale
 
 
+def adopt_judges(folder, stale: dict[str, str], recipe: str, source, seed: int = 0) -> dict[str, str]:
+    """Copy from `source` into `folder` each stale judge that `source` holds with exactly `recipe`'s settings
+    (a recipe that trains a kind as `default` does reuses the default judge instead of training it again).
+    Returns the judges still to train, {kind: why}."""
+    import shutil
+
+    folder, source = Path(folder), Path(source)
+    if folder.resolve() == source.resolve():
+        return stale
+    still = {}
+    for kind, why in stale.items():
+        if (source / kind / JUDGE_FILE).is_file() and not stale_judges(source, (kind,), recipe, seed):
+            with atomic_dir(folder / kind) as tmp:
+                shutil.copytree(source / kind, tmp, dirs_exist_ok=True)
+            print(f"{kind} judge: the one in {source} has recipe {recipe!r}'s settings; copied to {folder / kind}")
+        else:
+            still[kind] = why
+    return still
+
+
 # --------------------------------------------------------------------------------------------------
 # Metrics: pure functions, arrays in, numbers out
 
@@ -519,6 +539,6 @@ def train_judges(data_dir, out_dir, which: tuple[str, ...] = KINDS, recipe: str 
     return results
 
 
-__all__ = ["RECIPES", "accuracy", "auroc", "balanced_accuracy", "best_threshold", "confusion", "fit_cross_encoder",
+__all__ = ["RECIPES", "accuracy", "adopt_judges", "auroc", "balanced_accuracy", "best_threshold", "confusion", "fit_cross_encoder",
            "length_rule_agreement", "pairwise_agreement", "recipe_settings", "stale_judges", "train_judges",
            "validate_judge"]
