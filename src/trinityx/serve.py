@@ -662,7 +662,8 @@ def build_app(served: Served):
                            f"{cfg.max_prompt_tokens}", param="messages", code="context_length_exceeded")
         too_long = context_error(len(prompt_ids), max_tokens, engine.model.backbone)
         if too_long:
-            raise APIError(400, f"{too_long} (max_tokens)", param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{too_long}; shorten the prompt or lower max_tokens", param="max_tokens",
+                           code="context_length_exceeded")
         row = Row(prompt_ids, max_tokens, emit=lambda event: None, temperature=req.temperature, top_p=req.top_p,
                   seed=req.seed, stop=req.stop_strings())
         if req.trinityx is not None:
