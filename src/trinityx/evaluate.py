@@ -26,7 +26,8 @@ import numpy as np
 from trinityx import data, metrics
 from trinityx.errors import TrinityXError
 from trinityx.generation import GenerationSettings
-from trinityx.io import check_writable, write_json
+from trinityx.io import write_json
+from trinityx.paths import check_writable
 
 AXES = ("helpful", "harmless", "honest")
 JUDGES_OF_AXIS = {"helpful": ("helpful",), "harmless": ("harm",), "honest": ("truth", "info")}

@@ -16,7 +16,8 @@ from peft import LoraConfig, get_peft_model
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, check_writable, write_json
+from trinityx.io import atomic_dir, write_json
+from trinityx.paths import check_writable
 from trinityx.sft import Encoded, encode
 from trinityx.train import TrainConfig, fit, lm_loss_sum
 

@@ -24,9 +24,10 @@ from torch import nn
 
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, check_writable, write_json
+from trinityx.io import atomic_dir, write_json
 from trinityx.mocae import MixtureLinear, MoCaEModel
 from trinityx.mocae.model import read_config as read_mocae_config
+from trinityx.paths import check_writable
 from trinityx.sft import collate, encode
 
 

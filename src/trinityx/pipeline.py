@@ -20,7 +20,8 @@ from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
-from trinityx.io import check_writable, write_json
+from trinityx.io import write_json
+from trinityx.paths import check_writable
 from trinityx.routing import HEAD_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 from trinityx.train import TrainConfig
 

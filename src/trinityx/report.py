@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, check_writable
+from trinityx.io import atomic_dir
+from trinityx.paths import check_writable
 
 DASH = "—"
 DPI = 110

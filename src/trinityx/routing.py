@@ -27,12 +27,13 @@ from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, context_error, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
-from trinityx.io import check_name, check_writable, write_json
+from trinityx.io import write_json
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.model import read_config
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
 from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.objective import mean_gate, router_objective
+from trinityx.paths import check_name, check_writable
 from trinityx.sft import collate, encode
 from trinityx.train import TrainConfig, cosine_with_warmup, fit, lm_loss_sum
 

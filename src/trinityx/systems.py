@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.io import check_name
+from trinityx.paths import check_name
 from trinityx.mocae import MixtureLinear, MoCaEModel
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, check_name, write_json
+from trinityx.io import atomic_dir, write_json
 from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.router import (GATE_MODES, SequenceRouter, TokenRouter, gates_from_logits, last_prompt_token,
                                    pool_prompt)
+from trinityx.paths import check_name
 
 ROUTERS = ("sequence", "token")
 POOLINGS = ("mean", "last", "mean+last")
