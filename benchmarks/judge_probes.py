@@ -1,0 +1,159 @@
+"""Exploratory probes behind docs/judges.md's "approaches tried" rows for the harm and helpful judges.
+
+Not the shipped judges (those are `trinityx train-judges`); these measure alternatives quickly with
+scikit-learn on cached features, the threshold always chosen on dev and the numbers on test.
+
+    # harm: frozen SmolLM2 states of (chat prompt, response) at layers 6, 10, 15, 20; 3,500 training pairs
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-states --data-dir ../shared/data --out runs/judge_probes
+    python benchmarks/judge_probes.py harm-probe --out runs/judge_probes
+    # helpful: Bradley-Terry on length, MiniLM embeddings and similarity to the GPT-4 reference output
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py helpful-references --data-dir ../shared/data
+
+Legend: N rows, L layers, D hidden.
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trinityx.data import load_judgements, load_labelled_responses
+from trinityx.judges.train import (_fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
+                                   length_rule_agreement, pairwise_agreement, similar_length)
+
+STATE_LAYERS = (6, 10, 15, 20)
+POOLINGS = ("response mean", "last token", "prompt mean")
+
+
+def harm_states(data_dir: str, out: Path, train_pairs: int) -> None:
+    """Features of every distinct (prompt, response) of dev and test and `train_pairs` of train: [N, 3 L, D]."""
+    from trinityx.backbones import load_backbone
+    from trinityx.judges.features import pair_states
+
+    backbone = load_backbone("smollm2-135m")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, limit in (("test", None), ("dev", None), ("train", train_pairs)):
+        pairs = sorted({(r.prompt, r.response) for r in load_labelled_responses(data_dir, split)})
+        if limit and len(pairs) > limit:
+            pairs = sorted(random.Random(0).sample(pairs, limit))
+        t0 = time.perf_counter()
+        x = pair_states(backbone.model, backbone.tokenizer, backbone.prompt_format, [p for p, _ in pairs],
+                        [r for _, r in pairs], layers=STATE_LAYERS, max_prompt_tokens=64, max_response_tokens=160)
+        print(f"{split}: {len(pairs)} pairs in {time.perf_counter() - t0:.0f} s", flush=True)
+        torch.save({"pairs": pairs, "x": x.view(len(pairs), 3 * len(STATE_LAYERS), -1)}, out / f"{split}.pt")
+
+
+def harm_probe(data_dir: str, out: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    def load(split):
+        saved = torch.load(out / f"{split}.pt", weights_only=True)  # pairs (strings) and x: no pickled objects
+        row = {tuple(p): i for i, p in enumerate(saved["pairs"])}
+        rows = [r for r in load_labelled_responses(data_dir, split) if (r.prompt, r.response) in row]
+        return saved["x"], [row[(r.prompt, r.response)] for r in rows], np.array([r.unsafe for r in rows]), rows
+
+    splits = {s: load(s) for s in ("train", "dev", "test")}
+
+    def features(split, chosen):
+        x, index, _, _ = splits[split]
+        x = x[index]  # [N, 3 L, D]
+        return torch.cat([x[:, 3 * STATE_LAYERS.index(layer) + POOLINGS.index(pool)] for layer, pool in chosen], -1).numpy()
+
+    test_rows = splits["test"][3]
+    unsafe_prompts = {r.prompt for r in test_rows if r.unsafe}
+    risky = np.array([r.prompt in unsafe_prompts for r in test_rows])
+    y_dev, y_test = splits["dev"][2], splits["test"][2]
+    choices = {"response mean, layer 15": [(15, "response mean")],
+               "response mean + last token, layer 20": [(20, "response mean"), (20, "last token")],
+               "response mean + last token, layers 10, 15, 20": [(l, p) for l in (10, 15, 20)
+                                                                  for p in ("response mean", "last token")],
+               "all three poolings, layers 15, 20": [(l, p) for l in (15, 20) for p in POOLINGS],
+               "all three poolings, every layer": [(l, p) for l in STATE_LAYERS for p in POOLINGS]}
+    print("| features | C | threshold | accuracy | balanced | AUROC | risky | confusion |")
+    for name, chosen in choices.items():
+        scaler = StandardScaler().fit(features("train", chosen))
+        for c in (0.001, 0.01):
+            model = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(features("train", chosen)),
+                                                                splits["train"][2])
+            p_dev = model.predict_proba(scaler.transform(features("dev", chosen)))[:, 1]
+            p = model.predict_proba(scaler.transform(features("test", chosen)))[:, 1]
+            t = best_threshold(p_dev, y_dev)
+            m = confusion(p, y_test, t)
+            print(f"| {name} | {c} | {t:.3f} | {accuracy(p, y_test, t):.3f} | {balanced_accuracy(p, y_test, t):.3f} | "
+                  f"{auroc(p, y_test):.3f} | {accuracy(p[risky], y_test[risky], t):.3f} | "
+                  f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
+
+
+def helpful_references(data_dir: str, n_train: int) -> None:
+    """Bradley-Terry scorers with and without features of the output's similarity to GPT-4's reference output."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from trinityx.judges.features import token_f1
+    from trinityx.judges.local import embed, minilm_path
+
+    reference = {r["instruction"]: r["output"]
+                 for r in json.loads((Path(data_dir) / "alpaca_eval" / "reference_gpt4.json").read_text())}
+    train, dev = load_judgements(data_dir, "train"), load_judgements(data_dir, "dev")
+    train = [train[i] for i in _sample(len(train), n_train, 0)]
+    dev = [dev[i] for i in _sample(len(dev), 1600, 0)]  # the judge's validity sample
+    encoder, tokenizer = AutoModel.from_pretrained(minilm_path()), AutoTokenizer.from_pretrained(minilm_path())
+    texts = sorted({t for r in train + dev for t in (r.instruction, r.output_1, r.output_2, reference[r.instruction])})
+    e = embed(encoder, tokenizer, texts, 256)  # [N, D]
+    row = {t: i for i, t in enumerate(texts)}
+
+    def phi(instruction, output, names):
+        ref, e_o, e_i = reference[instruction], e[row[output]], e[row[instruction]]
+        columns = {"length": [math.log1p(len(output)), math.log1p(output.count("\n"))],
+                   "reference": [float(e_o @ e[row[ref]]), token_f1(output, ref),
+                                 math.log1p(len(output)) - math.log1p(len(ref))],
+                   "instruction": [float(e_o @ e_i)],
+                   "structure": [math.log1p(sum(line.lstrip()[:2] in ("- ", "* ", "1.", "2.", "3.")
+                                                for line in output.split("\n"))),
+                                 float("as an ai" in output.lower()), float(not output.strip())],
+                   "embedding": e_o.tolist()}
+        return [v for name in names for v in columns[name]]
+
+    def delta(rows, names):  # phi(b) - phi(a): [N, F]
+        return torch.tensor([[b - a for a, b in zip(phi(r.instruction, r.output_1, names),
+                                                    phi(r.instruction, r.output_2, names))] for r in rows])
+
+    prefs = [r.preference for r in dev]
+    similar = [k for k, r in enumerate(dev) if similar_length(r.output_1, r.output_2) and r.preference != 1.5]
+    print(f"length rule: {length_rule_agreement([r.output_1 for r in dev], [r.output_2 for r in dev], prefs):.3f}")
+    targets = torch.tensor([r.preference - 1 for r in train])
+    for names in (["length"], ["length", "embedding"], ["length", "reference"],
+                  ["length", "reference", "instruction", "structure"],
+                  ["length", "reference", "instruction", "structure", "embedding"]):
+        x, x_dev = delta(train, names), delta(dev, names)
+        scale = x.std(0) + 1e-6
+        for l2 in (1e-4, 1e-2):
+            p = torch.sigmoid((x_dev / scale) @ _fit_scorer(x / scale, targets, l2)).tolist()
+            print(f"{' + '.join(names)}, L2 {l2}: agreement {pairwise_agreement(p, prefs):.3f}, similar length "
+                  f"{pairwise_agreement([p[k] for k in similar], [prefs[k] for k in similar]):.3f} (n {len(similar)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=("harm-states", "harm-probe", "helpful-references"))
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
+    parser.add_argument("--train-pairs", type=int, default=3500)
+    parser.add_argument("--train-judgements", type=int, default=4000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.what == "harm-states":
+        harm_states(args.data_dir, args.out, args.train_pairs)
+    elif args.what == "harm-probe":
+        harm_probe(args.data_dir, args.out)
+    else:
+        helpful_references(args.data_dir, args.train_judgements)
+
+
+if __name__ == "__main__":
+    main()
