@@ -345,7 +345,7 @@ def measure_memory(cfg: BenchConfig, system: str) -> dict:
 
 
 def check_targets(rows: dict) -> dict:
-    """The paper's efficiency claims (design.md), as measured here: {target: {ratio, met}}; met None if not run."""
+    """The paper's efficiency claims (docs/design.md), as measured here: {target: {ratio, met}}; met None if not run."""
 
     def target(other: str, key: str, met) -> dict:
         if "trinityx" not in rows or other not in rows or rows["trinityx"][key] is None or not rows[other][key]:

@@ -650,7 +650,7 @@ def load_mixture(data_dir, split: str, per_dimension: int | None = None, seed: i
 
 
 # --------------------------------------------------------------------------------------------------
-# Routing data: prompts labelled by dimension (design.md, "routing data")
+# Routing data: prompts labelled by dimension (docs/design.md, "routing data")
 
 ROUTING_SPLIT_SEED = 20261201
 ROUTING_FRACTIONS = {"train": 0.8, "dev": 0.1, "test": 0.1}

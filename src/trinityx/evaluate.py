@@ -1,4 +1,4 @@
-"""`trinityx evaluate`: score one system on the HHH axes (design.md, "Evaluation") into one JSON file.
+"""`trinityx evaluate`: score one system on the HHH axes (docs/design.md, "Evaluation") into one JSON file.
 
     helpful   AlpacaEval `eval` prompts (split.json) vs a reference output: win rate and length-controlled
               win rate (Dubois et al. 2024) by a pairwise judge; answers also written in alpaca_eval's
@@ -156,7 +156,7 @@ def parse_overrides(specs: tuple[str, ...]) -> dict[str, str]:
 
 
 def judge_record(judge) -> dict:
-    """Which judge scored an axis and how far to trust it (design.md: unknown validity is not a result)."""
+    """Which judge scored an axis and how far to trust it (docs/design.md: unknown validity is not a result)."""
     return {"name": judge.name, "kind": judge.kind, "threshold": judge.threshold, "validity": judge.validity,
             "validity_known": bool(judge.validity)}
 

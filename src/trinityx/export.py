@@ -1,7 +1,7 @@
 """`trinityx export`: a MoCaE folder as artifacts other servers load.
 
 - `merged`: one fixed mixture folded into the backbone's weights, `W' = W + Σ_k g_k (alpha/r) B_k A_k` in every
-  adapted layer (design.md, "MoCaE"), saved as a standard Hugging Face model folder with its tokenizer. It
+  adapted layer (docs/design.md, "MoCaE"), saved as a standard Hugging Face model folder with its tokenizer. It
   loads with plain `AutoModelForCausalLM` (and so with vLLM, TGI, or llama.cpp's `convert_hf_to_gguf.py`) and
   computes exactly what the MoCaE model computes with those gates fixed. The mixture is `--weights`, or the
   router's gates for `--prompt`, or uniform (1/K, task arithmetic).

@@ -237,7 +237,7 @@ def stage_datamix(run: Run, data_dir: Path) -> dict:
 
 
 def stage_reference(run: Run, data_dir: Path) -> dict:
-    """gamma from a short LoRA fit on the target mixture (design.md): softmax over cosines to T_ref."""
+    """gamma from a short LoRA fit on the target mixture (docs/design.md): softmax over cosines to T_ref."""
     from trinityx.taskvectors import TaskVector, gamma, similarities
 
     cfg = run.cfg
@@ -529,7 +529,7 @@ def collect_results(run: Run) -> dict:
                  "majority_baseline": validity("info", "majority_baseline"),
                  "n": validity("info", "n"), "split": validity("info", "split")},
     }
-    # design.md: a score from a judge that does not beat its trivial baseline (validate_judge's check) is not a
+    # docs/design.md: a score from a judge that does not beat its trivial baseline (validate_judge's check) is not a
     # result; None when the validity does not say.
     for kind, source in (("helpful", "helpful"), ("harmless", "harm"), ("truth", "truth"), ("info", "info")):
         judges[kind]["measurable"] = validity(source, "beats_trivial_baseline")

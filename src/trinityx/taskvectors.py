@@ -202,7 +202,7 @@ def similarities(experts: Sequence[TaskVector], reference: TaskVector) -> tuple[
 def gamma(experts: Sequence[TaskVector], reference: TaskVector, temperature: float = 1.0) -> torch.Tensor:
     """The task-adaptive prior over experts, `γ = softmax(cos(T_i, T_ref) / temperature)`: `[K]`, sums to 1.
 
-    `T_ref` is the task vector of a short LoRA fit on the target mixture (design.md). Cosines rather than raw inner
+    `T_ref` is the task vector of a short LoRA fit on the target mixture (docs/design.md). Cosines rather than raw inner
     products, so that an expert with a large norm does not win only by its size; the temperature sharpens (< 1) or
     flattens (> 1) the prior.
     """

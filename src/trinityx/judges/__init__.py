@@ -14,14 +14,14 @@ A score is None when a remote judge failed on that item (endpoint down, unparsea
 is appended to `judge.failures` so callers report the count instead of scoring it as 0.
 
 Every judge carries `validity` (metric -> value on held-out data, with `n`, `split` and `threshold`);
-design.md: "a score from a judge whose validity is unknown is not a result".
+docs/design.md: "a score from a judge whose validity is unknown is not a result".
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 KINDS = ("harm", "truth", "info", "helpful")
-# The axis each judge kind serves (design.md, evaluation table).
+# The axis each judge kind serves (docs/design.md, evaluation table).
 AXIS_OF_KIND = {"harm": "harmless", "truth": "honest", "info": "honest", "helpful": "helpful"}
 
 Scores = list[float | None]

@@ -1,4 +1,4 @@
-"""Calibration of the router (design.md, "calibration"): metrics, temperature scaling, reliability diagram.
+"""Calibration of the router (docs/design.md, "calibration"): metrics, temperature scaling, reliability diagram.
 
 Everything except `reliability_diagram` (which writes a PNG) is a pure function: probabilities or logits
 [N, K] and integer labels [N] in (torch tensors, numpy arrays or lists), Python numbers out. K is the

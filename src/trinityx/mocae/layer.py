@@ -1,6 +1,6 @@
 """The MoCaE mixture layer: one frozen linear layer plus K stacked LoRA experts, mixed by gates.
 
-Every linear layer the experts adapt computes (design.md, "MoCaE")
+Every linear layer the experts adapt computes (docs/design.md, "MoCaE")
 
     y = W x + sum_k g_k * s * B_k A_k x,        s = alpha / r   (LoRA, Hu et al. 2021, section 4.1)
 

@@ -1,4 +1,4 @@
-"""The router objective (design.md, "router objective"), as pure functions of tensors.
+"""The router objective (docs/design.md, "router objective"), as pure functions of tensors.
 
     total = w_lm * LM + w_gl * GL + w_rl * RL + w_entropy * H + w_step_kl * KL_step
 

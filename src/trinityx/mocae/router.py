@@ -1,6 +1,6 @@
 """MoCaE routers: small heads from hidden states to gate logits z, and the gates g = softmax(z / T).
 
-Two granularities (design.md, "routing granularity"):
+Two granularities (docs/design.md, "routing granularity"):
 
 - `sequence` (default): z = f(mean of the base model's hidden state over the non-pad prompt tokens), one
   gate vector per example, the same in every adapted layer; it can be folded (see `layer.py`).
