@@ -10,6 +10,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from trinityx import taskvectors
+from trinityx.lora import adapters
 from trinityx.errors import TrinityXError
 from trinityx.taskvectors import MERGE_RECORD, TaskVector, apply, gamma, merge, similarities
 
@@ -254,7 +255,7 @@ def test_failed_write_leaves_no_output(experts, tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(taskvectors, "save_file", broken_save)
+    monkeypatch.setattr(adapters, "save_file", broken_save)
     with pytest.raises(OSError):
         merge([experts["a"]], [1.0], "linear", tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []

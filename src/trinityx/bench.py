@@ -19,7 +19,7 @@ import tyro
 
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
-from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn
+from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
 from trinityx.sft import collate
 from trinityx.train import TrainConfig, fit
 
@@ -72,12 +72,7 @@ class BenchConfig:
 
 
 def _bench_trinityx(backbone, train, dev, lora, cfg: TrainConfig) -> dict:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(backbone.model, LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                                      target_modules=list(backbone.lora_targets), task_type="CAUSAL_LM"))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model, params = lora_model(backbone, lora, cfg.seed)
     with tempfile.TemporaryDirectory() as work:
         log = fit(model, params, lm_loss_fn, train, dev, cfg, Path(work), backbone.tokenizer.pad_token_id, desc="trinityx")
     backbone.model = model.unload()
@@ -87,12 +82,9 @@ def _bench_trinityx(backbone, train, dev, lora, cfg: TrainConfig) -> dict:
 
 
 def _bench_hf_trainer(backbone, train, lora, cfg: TrainConfig) -> dict:
-    from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(backbone.model, LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                                      target_modules=list(backbone.lora_targets), task_type="CAUSAL_LM"))
+    model, _ = lora_model(backbone, lora, cfg.seed)
     pad = backbone.tokenizer.pad_token_id
     batch_tokens: list[int] = []
     step_seconds: list[float] = []

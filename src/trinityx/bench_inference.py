@@ -54,7 +54,8 @@ from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.bench import BenchConfig
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.mocae.model import check_experts, read_expert
+from trinityx.lora.adapters import is_adapter, read_adapter
+from trinityx.mocae.model import check_experts
 
 SYSTEMS = ("base", "trinityx", "trinityx-token", "peft-multi", "dense-moe", "xlora")
 # Fixed prompts, a few per dimension, so every run of the benchmark sends the same text.
@@ -80,7 +81,7 @@ def expert_folders(folder: str | None) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise TrinityXError(f"--experts {root} is not a folder")
-    found = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    found = sorted(p for p in root.iterdir() if is_adapter(p))
     if not found:
         raise TrinityXError(f"--experts {root} has no subfolder with an adapter_config.json (PEFT adapter folders)")
     return found
@@ -141,8 +142,8 @@ def build_dense_moe(
 ) -> nn.Module:
     """H3Fusion-style MoE by surgery on `model` (in place): every `*.mlp` becomes a `DenseMoE` of K MLP copies,
     copy k with expert k's LoRA folded in; the other adapted layers get sum_k w_k * s * B_k A_k (w = 1/K)."""
-    read = [read_expert(f) for f in folders]
-    scaling = check_experts([config for config, _ in read], folders)
+    adapters = [read_adapter(f) for f in folders]
+    scaling = check_experts(adapters)
     K = len(folders)
     if not 1 <= top_k <= K:
         raise TrinityXError(f"dense-moe top_k={top_k} must be between 1 and the number of experts {K}")
@@ -150,22 +151,22 @@ def build_dense_moe(
     mlp_names = [name for name, _ in model.named_modules() if name.endswith(".mlp")]
     if not mlp_names:
         raise TrinityXError("dense-moe found no `*.mlp` modules in the backbone: it needs Llama-style decoder layers")
-    for name in read[0][1]:
+    for name in adapters[0].factors:
         if not any(name.startswith(m + ".") for m in mlp_names):
             linear = model.get_submodule(name)
-            for w, (_, modules) in zip(attention_weights, read):
-                A, B = modules[name]  # [R, D_in], [D_out, R]
+            for w, adapter in zip(attention_weights, adapters):
+                A, B = adapter.factors[name]  # [R, D_in], [D_out, R]
                 linear.weight += w * scaling * (B @ A)
     generator = torch.Generator().manual_seed(seed)
     d_model = model.get_input_embeddings().embedding_dim
     for mlp_name in mlp_names:
         mlp = model.get_submodule(mlp_name)
         experts = []
-        for _, modules in read:
+        for adapter in adapters:
             expert = copy.deepcopy(mlp)
             for sub, linear in expert.named_modules():
-                if f"{mlp_name}.{sub}" in modules:
-                    A, B = modules[f"{mlp_name}.{sub}"]
+                if f"{mlp_name}.{sub}" in adapter.factors:
+                    A, B = adapter.factors[f"{mlp_name}.{sub}"]
                     linear.weight += scaling * (B @ A)  # fold the LoRA: W + (alpha/r) B A
             experts.append(expert)
         router = nn.Linear(d_model, K, bias=False)  # Mixtral's router has no bias

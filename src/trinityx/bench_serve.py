@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from safetensors.torch import save_file
 from torch import nn
 
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.bench_inference import percentile
 from trinityx.errors import TrinityXError
+from trinityx.lora.adapters import lora_config, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.serve import Engine, ServeConfig, Served, ServerThread, build_app, load_served
 
@@ -61,14 +60,12 @@ def write_random_experts(model: nn.Module, out: Path, names: list[str], targets:
     for name in names:
         folder = out / name
         folder.mkdir(parents=True)
-        LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM",
-                   inference_mode=True, base_model_name_or_path=base or None).save_pretrained(folder)
-        tensors = {}
+        lora_config(targets, r, alpha, inference_mode=True, base_model_name_or_path=base or None).save_pretrained(folder)
+        factors = {}
         for module, linear in modules.items():
-            tensors[f"base_model.model.{module}.lora_A.weight"] = (
-                torch.randn(r, linear.in_features, generator=g) / math.sqrt(linear.in_features))  # [R, D_in]
-            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(linear.out_features, r, generator=g) * std
-        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+            A = torch.randn(r, linear.in_features, generator=g) / math.sqrt(linear.in_features)  # [R, D_in]
+            factors[module] = (A, torch.randn(linear.out_features, r, generator=g) * std)  # B: [D_out, R]
+        write_weights(folder, factors)
         folders.append(folder)
     return folders
 

@@ -11,12 +11,13 @@ from typing import Annotated, Literal
 import torch
 import tyro
 from accelerate import PartialState
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
+from trinityx.lora.adapters import lora_config
 from trinityx.paths import check_writable
 from trinityx.sft import Encoded, encode
 from trinityx.train import TrainConfig, fit, lm_loss_sum
@@ -105,8 +106,7 @@ def examples_digest(examples: list[Encoded]) -> str:
 def lora_model(backbone: Backbone, lora: LoraSettings, seed: int):
     """(PEFT model, its trainable parameters by name): a fresh, seeded LoRA on the backbone's targets."""
     torch.manual_seed(seed)
-    peft_config = LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                             target_modules=list(backbone.lora_targets), task_type="CAUSAL_LM")
+    peft_config = lora_config(backbone.lora_targets, lora.lora_rank, lora.lora_alpha, lora.lora_dropout)
     model = get_peft_model(backbone.model, peft_config)
     return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
 

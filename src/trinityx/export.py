@@ -12,7 +12,6 @@
 Legend: K experts, R rank, D hidden (D_in, D_out).
 """
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
+from trinityx.lora.adapters import read_adapter_config
 from trinityx.mocae import MixtureLinear, MoCaEModel
 from trinityx.mocae.model import read_config as read_mocae_config
 from trinityx.paths import check_writable
@@ -140,7 +140,7 @@ def export_record(run: Path, config: dict, weights: list[float], source: str, cf
 
 def write_peft(run: Path, out: Path, config: dict, weights: list[float], source: str, cfg: ExportConfig) -> Path:
     names = config["expert_names"]
-    ranks = [json.loads((run / "experts" / n / "adapter_config.json").read_text())["r"] for n in names]
+    ranks = [read_adapter_config(run / "experts" / n)["r"] for n in names]
     with atomic_dir(out) as tmp:
         for name in names:
             shutil.copytree(run / "experts" / name, tmp / "experts" / name)

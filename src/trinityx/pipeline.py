@@ -21,6 +21,7 @@ from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
 from trinityx.io import write_json
+from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.routing import HEAD_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 from trinityx.train import TrainConfig
@@ -662,7 +663,7 @@ STAGE_OUTPUTS = {
     "experts": lambda run: [run.dir / "experts" / d / "train_log.json" for d in data.DIMENSIONS],
     "datamix": lambda run: [run.dir / "datamix" / "train_log.json"],
     "reference": lambda run: [run.dir / "reference" / "train_log.json", run.dir / "gamma.json"],
-    "merges": lambda run: [run.dir / "merges" / m / "adapter_config.json" for m in MERGES
+    "merges": lambda run: [run.dir / "merges" / m / CONFIG_FILE for m in MERGES
                            if f"merge:{m}" in run.cfg.systems],
     "router": lambda run: [run.dir / name / "train_log.json" for name in routers_needed(run.cfg.systems)],
     "calibration": lambda run: [run.dir / name / "calibration.json" for name in routers_needed(run.cfg.systems)],

@@ -20,7 +20,6 @@ from typing import Annotated, Literal
 
 import torch
 import tyro
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from trinityx import data
@@ -28,6 +27,7 @@ from trinityx.backbones import DEFAULT_BACKBONE, Backbone, context_error, format
 from trinityx.errors import TrinityXError
 from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
 from trinityx.io import write_json
+from trinityx.lora.adapters import is_adapter, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.model import read_config
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
@@ -131,7 +131,7 @@ HEAD_TRAIN = TrainConfig(max_steps=300, batch_size=96, micro_batch_size=96, lr=3
 def expert_folders(experts: Path, dimensions) -> list[Path]:
     folders = [Path(experts) / d for d in dimensions]
     for f in folders:
-        if not (f / "adapter_config.json").is_file():
+        if not is_adapter(f):
             raise TrinityXError(f"--experts {experts}: no PEFT expert in {f}; train it with `trinityx train-expert "
                                 f"--dimension {f.name} --out {f}`")
     return folders
@@ -166,12 +166,11 @@ def save_trained_experts(model: MoCaEModel, folder: Path) -> None:
     """Write jointly trained expert weights back into folder/experts/<name>/ as PEFT adapters."""
     names = [n for n, m in model.backbone.named_modules() if isinstance(m, MixtureLinear)]
     for k, expert in enumerate(model.config.expert_names):
-        tensors = {}
+        factors = {}
         for name in names:
             layer = model.backbone.get_submodule(name)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[k].detach().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[k].detach().contiguous()
-        save_file(tensors, folder / "experts" / expert / "adapter_model.safetensors")
+            factors[name] = (layer.lora_A[k], layer.lora_B[k])
+        write_weights(folder / "experts" / expert, factors)
 
 
 def fit_router(cfg: RouterConfig, backbone: Backbone | None = None, pooled_cache: dict | None = None) -> dict:

@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
+from trinityx.lora.adapters import ADAPTER_FILES, CONFIG_FILE
 from trinityx.paths import check_name
 from trinityx.mocae import MixtureLinear, MoCaEModel
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGE_METHODS = ("linear", "ties", "dare")
 # MoCaE folders and the gating each `trinityx` spec applies on top of the saved config.
 MOCAE_VARIANTS: dict[str, tuple[str, dict]] = {
@@ -240,7 +240,7 @@ def _folder(spec: str, run_dir: Path | None, relative: str) -> Path:
     if run_dir is None:
         raise TrinityXError(f"system {spec!r} is read from a run folder (RUN/{relative}/): pass --run RUN")
     folder = Path(run_dir) / relative
-    marker = "mocae_config.json" if stage.startswith("mocae") else "adapter_config.json"
+    marker = "mocae_config.json" if stage.startswith("mocae") else CONFIG_FILE
     if not (folder / marker).is_file():
         raise TrinityXError(f"system {spec!r} needs {folder}/ (with {marker}), which does not exist; "
                             f"it is created by {CREATED_BY[stage]}")

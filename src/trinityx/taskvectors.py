@@ -15,10 +15,9 @@ Static merges write a new PEFT LoRA adapter folder:
 Legend for shape comments: `K` experts, `R` rank, `D_out`/`D_in` the adapted weight's output/input size.
 """
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,19 +27,13 @@ from peft.utils.merge_utils import (
     magnitude_based_pruning,
     task_arithmetic,
 )
-from safetensors.torch import load_file, save_file
 
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
+from trinityx.lora.adapters import Adapter, read_adapter, write_adapter
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGE_RECORD = "trinityx_merge.json"
 METHODS = ("linear", "ties", "dare")
-
-# PEFT saves a LoRA factor of module `m` under `base_model.model.{m}.lora_A.weight` (the adapter name is dropped).
-KEY_PREFIX = "base_model.model."
-FACTOR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 
 
 def _list_names(names, limit: int = 5) -> str:
@@ -69,68 +62,10 @@ def _check_same_modules(a: dict, b: dict, what: str) -> None:
 # Reading a PEFT LoRA folder
 
 
-@dataclass
-class _LoraFolder:
-    """The parts of a PEFT LoRA adapter folder that define its task vector."""
-
-    folder: Path
-    config: dict  # adapter_config.json as saved by PEFT
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [R, D_in], B [D_out, R]), float32
-    scaling: dict[str, float]  # module -> s, so that ΔW = s · B A
-
-    @property
-    def rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.factors.values())
-
-    def delta(self, module: str) -> torch.Tensor:
-        a, b = self.factors[module]
-        return self.scaling[module] * (b @ a)  # [D_out, D_in]
-
-
-def _read_lora(adapter_dir: str | Path) -> _LoraFolder:
-    folder = Path(adapter_dir)
-    if not folder.is_dir():
-        raise TrinityXError(f"adapter folder {folder} does not exist (expected a PEFT LoRA adapter folder)")
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not config_path.is_file():
-        raise TrinityXError(f"adapter folder {folder} has no {ADAPTER_CONFIG}; is it a PEFT adapter folder?")
-    if not weights_path.is_file():
-        raise TrinityXError(
-            f"adapter folder {folder} has no {ADAPTER_WEIGHTS} (pickled adapter_model.bin is not read); "
-            "save the adapter with PEFT's save_pretrained(..., safe_serialization=True)"
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise TrinityXError(f"{config_path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    if config.get("fan_in_fan_out"):
-        raise TrinityXError(f"{config_path}: fan_in_fan_out=true (Conv1D layers) is not supported")
-    if config.get("alpha_pattern"):
-        raise TrinityXError(f"{config_path}: per-module lora_alpha (alpha_pattern) is not supported")
-
-    A, B = {}, {}
-    for key, tensor in load_file(weights_path).items():
-        suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
-        if not key.startswith(KEY_PREFIX) or suffix is None:
-            raise TrinityXError(
-                f"{weights_path}: unexpected tensor {key!r}; only plain LoRA factors (lora_A/lora_B weights of "
-                "linear layers) are supported, not DoRA, LoRA biases, embeddings or modules_to_save"
-            )
-        module = key[len(KEY_PREFIX) : -len(suffix)]
-        (A if FACTOR_SUFFIXES[suffix] == "A" else B)[module] = tensor.float()
-    if not A:
-        raise TrinityXError(f"{weights_path} holds no LoRA factors")
-    if A.keys() != B.keys():
-        raise TrinityXError(f"{weights_path}: modules with only one LoRA factor: [{_list_names(A.keys() ^ B.keys())}]")
-
-    # LoRA scales its update by alpha / R (Hu et al. 2021, §4.1); rsLoRA by alpha / sqrt(R) (Kalajdzievski 2023).
-    # R is read per module from the factor's shape, which also covers PEFT's per-module rank_pattern.
-    alpha = config["lora_alpha"]
-    scaling = {}
-    for module, a in A.items():
-        r = a.shape[0]
-        scaling[module] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    factors = {module: (A[module], B[module]) for module in sorted(A)}
-    return _LoraFolder(folder=folder, config=config, factors=factors, scaling=scaling)
+def _read_lora(adapter_dir: str | Path) -> Adapter:
+    """`read_adapter` with float32 factors: the task-vector algebra runs in float32."""
+    adapter = read_adapter(adapter_dir)
+    return replace(adapter, factors={m: (a.float(), b.float()) for m, (a, b) in adapter.factors.items()})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,7 +240,7 @@ def _factorise(delta: torch.Tensor, rank: int, svd: str = "exact",
     return A, B, residual
 
 
-def _check_compatible(experts: list[_LoraFolder]) -> None:
+def _check_compatible(experts: list[Adapter]) -> None:
     first = experts[0]
     for other in experts[1:]:
         base_a = first.config.get("base_model_name_or_path")
@@ -332,15 +267,9 @@ def _check_compatible(experts: list[_LoraFolder]) -> None:
                 )
 
 
-def _write_adapter(folder: Path, template: dict, rank: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """Write a PEFT LoRA folder whose update is exactly `B A` per module: `lora_alpha = r`, so the scaling is 1."""
-    config = dict(template, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
-    write_json(folder / ADAPTER_CONFIG, config)
-    tensors = {}
-    for m, (a, b) in factors.items():
-        tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = a.contiguous()
-        tensors[f"{KEY_PREFIX}{m}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+def _exact_config(template: dict, rank: int) -> dict:
+    """The adapter config of a merge whose update is exactly `B A` per module: `lora_alpha = r`, so the scaling is 1."""
+    return dict(template, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
 
 
 def merge(
@@ -401,7 +330,7 @@ def merge(
         for m in modules:
             # Task arithmetic (Ilharco et al. 2023) stays a LoRA: Σ_i w_i s_i B_i A_i = [w_1 s_1 B_1 | ...] [A_1; ...].
             A = torch.cat([e.factors[m][0] for e in experts], dim=0)  # [Σ R_i, D_in]
-            B = torch.cat([wi * e.scaling[m] * e.factors[m][1] for wi, e in zip(weights, experts)], dim=1)
+            B = torch.cat([wi * e.scaling(m) * e.factors[m][1] for wi, e in zip(weights, experts)], dim=1)
             # B: [D_out, Σ R_i]; the written adapter has scaling 1 (lora_alpha = r), so its update is exactly B A
             if A.shape[0] < new_rank:  # experts with per-module ranks: pad with zeros, which adds nothing
                 A = torch.cat([A, torch.zeros(new_rank - A.shape[0], A.shape[1])], dim=0)
@@ -434,6 +363,6 @@ def merge(
         "reconstruction_error_per_module": {m: residuals[m] / norms[m] if norms[m] else 0.0 for m in modules},
     }
     with atomic_dir(out) as tmp:
-        _write_adapter(tmp, experts[0].config, new_rank, factors)
+        write_adapter(tmp, _exact_config(experts[0].config, new_rank), factors)
         write_json(tmp / MERGE_RECORD, record)
     return Path(out)

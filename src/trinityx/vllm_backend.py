@@ -21,13 +21,13 @@ Hugging Face ones. Log-likelihoods (TruthfulQA MC1/MC2) stay on the Hugging Face
 lm-evaluation-harness exactly.
 """
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from trinityx.errors import TrinityXError
+from trinityx.lora.adapters import read_adapter_config
 
 # vLLM's supported LoRA ranks (vllm.config.LoRAConfig): max_lora_rank must be one of these.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -46,7 +46,7 @@ def import_vllm():
 
 
 def lora_rank(folder: Path) -> int:
-    return int(json.loads((folder / "adapter_config.json").read_text())["r"])
+    return int(read_adapter_config(folder)["r"])
 
 
 def engine(model_path: str, dtype: str, max_rank: int | None, max_loras: int):

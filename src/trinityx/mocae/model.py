@@ -13,7 +13,6 @@ Legend: B batch, T tokens, K experts, D hidden, L adapted decoder layers, V voca
 """
 
 import json
-import math
 import re
 import shutil
 from contextlib import contextmanager
@@ -21,12 +20,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
+from trinityx.lora.adapters import ADAPTER_FILES, Adapter, lora_scaling, read_adapter
 from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.router import (GATE_MODES, SequenceRouter, TokenRouter, gates_from_logits, last_prompt_token,
                                    pool_prompt)
@@ -34,8 +33,6 @@ from trinityx.paths import check_name
 
 ROUTERS = ("sequence", "token")
 POOLINGS = ("mean", "last", "mean+last")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-PEFT_PREFIX = "base_model.model."  # PEFT saves keys as base_model.model.<module>.lora_{A,B}.weight
 
 
 @dataclass
@@ -190,62 +187,23 @@ def backbone_hidden_states(backbone: nn.Module, input_ids: Tensor, attention_mas
     return [caught[layer] for layer in wanted]
 
 
-def read_expert(folder: Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:
-    """A PEFT LoRA folder -> (adapter config, {module name: (A [R, D_in], B [D_out, R])})."""
-    for name in ADAPTER_FILES:
-        if not (folder / name).is_file():
-            raise TrinityXError(f"expert folder {folder} has no {name}: pass a PEFT LoRA adapter folder")
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise TrinityXError(f"{folder / 'adapter_config.json'} is not valid JSON ({e}); retrain or recopy the expert "
-                            f"in {folder}") from None
-    if not isinstance(config, dict):
-        raise TrinityXError(f"{folder / 'adapter_config.json'} holds no adapter config (a JSON object); retrain or "
-                            f"recopy the expert in {folder}")
-    try:
-        tensors = load_file(folder / "adapter_model.safetensors")
-    except SafetensorError as e:  # truncated or garbled
-        raise TrinityXError(f"{folder / 'adapter_model.safetensors'} cannot be read ({e}); retrain or recopy the expert "
-                            f"in {folder}") from None
-    others = [key for key in tensors if not key.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if others:
-        raise TrinityXError(
-            f"{folder} holds tensors other than LoRA A/B of linear layers ({others[:3]}...): "
-            "MoCaE mixes plain LoRA experts only"
-        )
-    modules = {}
-    for key, A in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-        modules[name] = (A, tensors[key.replace(".lora_A.weight", ".lora_B.weight")])
-    return config, modules
-
-
-def check_experts(configs: list[dict], folders: list[Path]) -> float:
-    """Experts must be plain LoRA with one rank, alpha and set of targets so they stack; returns s = alpha/r."""
-    first = configs[0]
-    for config, folder in zip(configs, folders):
-        if config.get("peft_type") != "LORA":
-            raise TrinityXError(f"{folder}: peft_type {config.get('peft_type')!r}, MoCaE mixes LoRA adapters only")
-        for key in ("use_dora", "fan_in_fan_out"):
-            if config.get(key):
-                raise TrinityXError(f"{folder}: {key}=true is not supported; train the expert as plain LoRA")
+def check_experts(experts: list[Adapter]) -> float:
+    """Experts must be plain LoRA with one rank, alpha and set of targets so they stack; returns their scaling s."""
+    first = experts[0]
+    for expert in experts:
+        config, folder = expert.config, expert.folder
         for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
             if config.get(key):
                 raise TrinityXError(f"{folder}: {key} is set; experts need one rank and alpha everywhere")
         if config.get("bias", "none") != "none":
             raise TrinityXError(f"{folder}: bias={config['bias']!r}; experts must use bias='none'")
         for key in ("r", "lora_alpha", "use_rslora"):
-            if config.get(key) != first.get(key):
+            if config.get(key) != first.config.get(key):
                 raise TrinityXError(
-                    f"{folder}: {key}={config.get(key)} but {folders[0]} has {first.get(key)}; "
+                    f"{folder}: {key}={config.get(key)} but {first.folder} has {first.config.get(key)}; "
                     "experts must share rank, alpha and rslora to stack"
                 )
-    r, alpha = first["r"], first["lora_alpha"]
-    # LoRA scales the update by alpha / r (Hu et al. 2021, section 4.1); rsLoRA by alpha / sqrt(r).
-    return alpha / math.sqrt(r) if first.get("use_rslora") else alpha / r
+    return lora_scaling(first.config["lora_alpha"], first.config["r"], bool(first.config.get("use_rslora")))
 
 
 def attach_experts(model: nn.Module, adapter_dirs: list[str | Path]) -> nn.Module:
@@ -256,21 +214,21 @@ def attach_experts(model: nn.Module, adapter_dirs: list[str | Path]) -> nn.Modul
     folders = [Path(d) for d in adapter_dirs]
     if not folders:
         raise TrinityXError("no expert adapter folders given")
-    read = [read_expert(f) for f in folders]
-    scaling = check_experts([c for c, _ in read], folders)
-    names = sorted(read[0][1])
-    for (_, modules), folder in zip(read, folders):
-        if sorted(modules) != names:
+    experts = [read_adapter(f) for f in folders]
+    scaling = check_experts(experts)
+    names = list(experts[0].factors)
+    for expert in experts:
+        if list(expert.factors) != names:
             raise TrinityXError(
-                f"{folder} adapts other modules than {folders[0]}: experts must share target modules"
+                f"{expert.folder} adapts other modules than {folders[0]}: experts must share target modules"
             )
     model.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
         if type(base) is not nn.Linear:
             raise TrinityXError(f"module {name} is a {type(base).__name__}, MoCaE adapts nn.Linear layers only")
-        A = torch.stack([modules[name][0] for _, modules in read])  # [K, R, D_in]
-        B = torch.stack([modules[name][1] for _, modules in read])  # [K, D_out, R]
+        A = torch.stack([expert.factors[name][0] for expert in experts])  # [K, R, D_in]
+        B = torch.stack([expert.factors[name][1] for expert in experts])  # [K, D_out, R]
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, MixtureLinear(base, A, B, scaling))
     return model

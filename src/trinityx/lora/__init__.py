@@ -1,0 +1,1 @@
+"""LoRA adapters: the PEFT adapter folder format (`adapters`)."""
