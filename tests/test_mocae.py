@@ -213,6 +213,25 @@ def test_token_routing(tiny_backbone, experts, tokenizer):
     torch.testing.assert_close(model(ids, mask).logits, reference(input_ids=ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_unload_leaves_the_backbone_bare_and_merge_and_unload_equals_the_mixture(tiny_backbone, experts, tokenizer):
+    ids, mask = batch(tokenizer)
+    kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    base = load(tiny_backbone)(ids, **kwargs).logits
+    model = randomize_router(mocae(tiny_backbone, experts, router="token", head_hidden=8))
+    bare = model.unload()
+    assert not any(isinstance(m, MixtureLinear) for m in bare.modules()) and not model.mixtures
+    assert not any(m._forward_pre_hooks for m in bare.modules())  # the token router's hooks are gone too
+    torch.testing.assert_close(bare(ids, **kwargs).logits, base, atol=ATOL, rtol=0)
+
+    w = [0.5, 0.3, 0.2]
+    model = mocae(tiny_backbone, experts, gate_mode="fixed", fixed_weights=w)
+    want = model(ids, mask).logits
+    merged = model.merge_and_unload(torch.tensor(w))
+    assert not any(isinstance(m, MixtureLinear) for m in merged.modules())
+    torch.testing.assert_close(merged(ids, **kwargs).logits, want, atol=1e-4, rtol=0)
+
+
 def test_router_objective_golden():
     logits = torch.zeros(2, 2)  # both gates are [0.5, 0.5]
     labels = torch.tensor([0, 1])

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
 from trinityx.lora.adapters import read_adapter_config
-from trinityx.mocae import MixtureLinear, MoCaEModel
+from trinityx.mocae import MoCaEModel
 from trinityx.mocae.model import read_config as read_mocae_config
 from trinityx.paths import check_writable
 from trinityx.sft import collate, encode
@@ -49,26 +48,6 @@ class ExportConfig:
     """Backbone (default: the one named in mocae_config.json)."""
     overwrite: bool = False
     """Replace an existing output folder."""
-
-
-def fold_mixture(model: MoCaEModel, gates: torch.Tensor) -> nn.Module:
-    """Fold fixed gates [K] into the backbone's weights and remove the mixture layers; returns the plain backbone.
-
-    Every `MixtureLinear` is replaced by its original `nn.Linear` with `W + Σ_k g_k s B_k A_k` (computed in
-    float32). The MoCaE model is consumed: its backbone is the returned model.
-    """
-    with torch.no_grad():
-        for name, module in list(model.backbone.named_modules()):
-            if not isinstance(module, MixtureLinear):
-                continue
-            A, B = module.lora_A.float(), module.lora_B.float()  # [K, R, D_in], [K, D_out, R]
-            delta = torch.einsum("k,kor,kri->oi", gates.float() * module.scaling, B, A)  # [D_out, D_in]
-            weight = module.base_layer.weight
-            weight.copy_((weight.float() + delta).to(weight.dtype))
-            parent, _, child = name.rpartition(".")
-            setattr(model.backbone.get_submodule(parent), child, module.base_layer)
-    model.mixtures = []
-    return model.backbone
 
 
 @torch.no_grad()
@@ -116,7 +95,7 @@ def export(cfg: ExportConfig) -> Path:
     weights = [round(g, 6) for g in gates.tolist()]
     if cfg.format == "peft":
         return write_peft(run, Path(cfg.out), config, weights, source, cfg)
-    plain = fold_mixture(model, gates)
+    plain = model.merge_and_unload(gates)  # every adapted layer W + Σ_k g_k s B_k A_k; no hooks left
     record = export_record(run, config, weights, source, cfg)
     with atomic_dir(cfg.out) as tmp:
         plain.save_pretrained(tmp)

@@ -31,7 +31,6 @@ from trinityx.lora.adapters import is_adapter, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.model import read_config
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
-from trinityx.mocae.layer import MixtureLinear
 from trinityx.mocae.objective import mean_gate, router_objective
 from trinityx.paths import check_name, check_writable
 from trinityx.sft import collate, encode
@@ -164,12 +163,8 @@ def build_mocae(backbone: Backbone, folders: list[Path], cfg: RouterConfig) -> M
 
 def save_trained_experts(model: MoCaEModel, folder: Path) -> None:
     """Write jointly trained expert weights back into folder/experts/<name>/ as PEFT adapters."""
-    names = [n for n, m in model.backbone.named_modules() if isinstance(m, MixtureLinear)]
     for k, expert in enumerate(model.config.expert_names):
-        factors = {}
-        for name in names:
-            layer = model.backbone.get_submodule(name)
-            factors[name] = (layer.lora_A[k], layer.lora_B[k])
+        factors = {name: (layer.lora_A[k], layer.lora_B[k]) for name, layer in zip(model.mixture_names, model.mixtures)}
         write_weights(folder / "experts" / expert, factors)
 
 

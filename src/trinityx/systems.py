@@ -36,7 +36,7 @@ from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.lora.adapters import ADAPTER_FILES, CONFIG_FILE
 from trinityx.paths import check_name
-from trinityx.mocae import MixtureLinear, MoCaEModel
+from trinityx.mocae import MoCaEModel
 
 MERGE_METHODS = ("linear", "ties", "dare")
 # MoCaE folders and the gating each `trinityx` spec applies on top of the saved config.
@@ -198,26 +198,9 @@ class System:
 
     def close(self) -> None:
         """Remove this system's adapter or experts from the shared backbone, which is left bare."""
-        if isinstance(self.model, PeftModel):
+        if isinstance(self.model, (PeftModel, MoCaEModel)):
             self.backbone.model = self.model.unload()
-        elif self.mocae is not None:
-            detach_experts(self.mocae)
         self.model = self.backbone.model
-
-
-def detach_experts(mocae: MoCaEModel) -> None:
-    """Undo `attach_experts` on the backbone: put each original linear layer back, drop the token hooks."""
-    backbone = mocae.backbone
-    names = [n for n, m in backbone.named_modules() if isinstance(m, MixtureLinear)]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(backbone.get_submodule(parent), child, backbone.get_submodule(name).base_layer)
-    # MoCaEModel registers its token-router hooks on the decoder layers without keeping the handles.
-    for module in backbone.modules():
-        for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if getattr(hook, "__qualname__", "").startswith("MoCaEModel._token_hook"):
-                del module._forward_pre_hooks[hook_id]
-                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +283,7 @@ def load_system(spec: str, run_dir: str | Path | None = None, backbone: str | Ba
         try:
             model.set_gating(**{k: v for k, v in gating.items() if k != "oracle"})
         except TrinityXError as e:
-            detach_experts(model)  # leave the shared backbone bare
+            model.unload()  # leave the shared backbone bare
             raise TrinityXError(f"system {spec!r}: {e}") from None
     digest.update(json.dumps(gating, sort_keys=True).encode())
     details = {"spec": spec, "kind": kind, "folder": str(folder) if folder else None, "gating": gating,

@@ -103,6 +103,14 @@ class MixtureLinear(nn.Module):
         self.gates = None
         self.folded = None
 
+    @torch.no_grad()
+    def merge(self, gates: Tensor) -> None:
+        """Add one fixed mixture, gates [K], to the base weight: W += sum_k g_k s B_k A_k (computed in float32)."""
+        A, B = self.lora_A.float(), self.lora_B.float()  # [K, R, D_in], [K, D_out, R]
+        delta = torch.einsum("k,kor,kri->oi", gates.float() * self.scaling, B, A)  # [D_out, D_in]
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)  # [B, T, D_out]
         if self.folded is not None:  # the decode path: kept to the fewest operations

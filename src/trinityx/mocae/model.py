@@ -1,8 +1,10 @@
 """MoCaE model surgery and the `MoCaEModel` wrapper: experts attached to a frozen backbone, plus a router.
 
 `attach_experts` swaps every linear layer the experts adapt for a `MixtureLinear` (the original weight
-object is kept, frozen; nothing is written to the backbone's files). `MoCaEModel` owns the router, sets
-the gates on those layers around each backbone call, and saves/loads itself as
+object is kept, frozen; nothing is written to the backbone's files). `MoCaEModel` owns that surgery (as
+PEFT's LoRA model does): it attaches the experts, keeps the handles of the token router's hooks, and
+`unload` / `merge_and_unload` give the backbone back bare or with one fixed mixture folded in. It owns the
+router, sets the gates on the mixture layers around each backbone call, and saves/loads itself as
 
     folder/
       experts/<name>/adapter_config.json, adapter_model.safetensors   (PEFT adapter folders, one per expert)
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
@@ -268,7 +271,9 @@ class MoCaEModel(nn.Module):
         self.adapter_dirs = [Path(d) for d in adapter_dirs]
         self.backbone = attach_experts(backbone, self.adapter_dirs)
         names = [n for n, m in self.backbone.named_modules() if isinstance(m, MixtureLinear)]
+        self.mixture_names = names  # the adapted modules, in the order of `mixtures`
         self.mixtures = [self.backbone.get_submodule(n) for n in names]  # plain list: not registered twice
+        self._hooks: list[RemovableHandle] = []  # the token router's hooks on the decoder layers
         d_model = self.backbone.get_input_embeddings().embedding_dim
         K = config.n_experts
         if config.router == "sequence":
@@ -278,7 +283,29 @@ class MoCaEModel(nn.Module):
             self.router = TokenRouter(d_model, K, list(layers), config.head_hidden)
             self._token_logits: dict[int, Tensor] = {}
             for index, (layer, mixtures) in layers.items():
-                layer.register_forward_pre_hook(self._token_hook(index, mixtures), with_kwargs=True)
+                hook = layer.register_forward_pre_hook(self._token_hook(index, mixtures), with_kwargs=True)
+                self._hooks.append(hook)
+
+    # --- surgery -----------------------------------------------------------------------------------------
+
+    def unload(self) -> nn.Module:
+        """Undo the surgery: remove the token hooks and put each original linear layer back; returns the backbone.
+
+        The backbone is left bare (as before `attach_experts`); this model has no mixture layers afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for name, mixture in zip(self.mixture_names, self.mixtures):
+            parent, _, child = name.rpartition(".")
+            setattr(self.backbone.get_submodule(parent), child, mixture.base_layer)
+        self.mixture_names, self.mixtures = [], []
+        return self.backbone
+
+    def merge_and_unload(self, gates: Tensor) -> nn.Module:
+        """Fold fixed gates [K] into the backbone's weights (`MixtureLinear.merge`), then `unload`."""
+        for mixture in self.mixtures:
+            mixture.merge(gates)
+        return self.unload()
 
     # --- gates -------------------------------------------------------------------------------------------
 
