@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trinityx.bench import BenchConfig, run_bench
 from trinityx.bench_inference import (
-    SYSTEMS, DenseMoE, build_dense_moe, check_targets, build_mocae, build_peft_multi, build_xlora, measure_memory,
+    DenseMoE, build_dense_moe, check_targets, build_mocae, build_peft_multi, build_xlora, measure_memory,
     percentile, probe_memory,
 )
 from trinityx.errors import TrinityXError
+from trinityx.registry import BENCH_SYSTEMS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATOL = 1e-5
@@ -113,7 +114,7 @@ def test_bench_inference_runs_every_system(tiny_backbone, experts, capsys):
     result = run_bench(cfg)
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(result))  # the last line is the JSON
-    assert list(result["systems"]) == list(SYSTEMS)
+    assert list(result["systems"]) == list(BENCH_SYSTEMS)
     for name, row in result["systems"].items():
         assert row["requests"] == (2 if name == "xlora" else 4)  # xlora: 1 round of 2 prompts
         assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0

@@ -20,6 +20,7 @@ import tyro
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
+from trinityx.registry import BENCH_SYSTEMS
 from trinityx.sft import collate
 from trinityx.train import TrainConfig, fit
 
@@ -46,7 +47,7 @@ class BenchConfig:
     """torch threads (default: torch's choice)."""
     experts: str | None = None
     """inference: folder with one PEFT LoRA adapter subfolder per expert (e.g. runs/experts)."""
-    systems: tuple[str, ...] = ("base", "trinityx", "trinityx-token", "peft-multi", "dense-moe", "xlora")
+    systems: tuple[str, ...] = BENCH_SYSTEMS
     """inference: systems to measure, in this order."""
     prompts: int = 4
     """inference: how many of the built-in prompts to send."""

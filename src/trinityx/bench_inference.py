@@ -56,8 +56,8 @@ from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.lora.adapters import is_adapter, read_adapter
 from trinityx.mocae.model import check_experts
+from trinityx.registry import BENCH_SYSTEMS, MOE_BASELINES
 
-SYSTEMS = ("base", "trinityx", "trinityx-token", "peft-multi", "dense-moe", "xlora")
 # Fixed prompts, a few per dimension, so every run of the benchmark sends the same text.
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -203,7 +203,7 @@ def build_system(name: str, backbone: Backbone, folders: list[Path], pool_layer:
     elif name == "xlora":
         system = build_xlora(model, folders)
     else:
-        raise TrinityXError(f"unknown system {name!r} in --systems; choose from {SYSTEMS}")
+        raise TrinityXError(f"unknown system {name!r} in --systems; choose from {BENCH_SYSTEMS}")
     return system, lambda ids, mask, **kw: system.generate(input_ids=ids, attention_mask=mask, **kw)
 
 
@@ -241,9 +241,9 @@ def check_config(cfg: BenchConfig) -> list[Path]:
                         ("--xlora-repeats", cfg.xlora_repeats), ("--memory-workers", cfg.memory_workers)):
         if value < 1:
             raise TrinityXError(f"{flag} {value} must be >= 1")
-    unknown = [s for s in cfg.systems if s not in SYSTEMS]
+    unknown = [s for s in cfg.systems if s not in BENCH_SYSTEMS]
     if unknown or not cfg.systems:
-        raise TrinityXError(f"--systems {list(cfg.systems)}: choose one or more of {SYSTEMS}")
+        raise TrinityXError(f"--systems {list(cfg.systems)}: choose one or more of {BENCH_SYSTEMS}")
     return expert_folders(cfg.experts)
 
 
@@ -357,7 +357,7 @@ def check_targets(rows: dict) -> dict:
     targets = {}
     for key in ("decode_tokens_per_s", "peak_memory_mb"):
         targets[f"trinityx_{key}_within_5pct_of_base"] = target("base", key, lambda r: abs(r - 1) <= 0.05)
-    for other in ("dense-moe", "xlora"):
+    for other in MOE_BASELINES:
         for key in ("p50_ms", "peak_memory_mb"):
             targets[f"trinityx_{key}_40pct_below_{other}"] = target(other, key, lambda r: r <= 0.6)
     return targets

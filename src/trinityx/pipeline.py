@@ -23,23 +23,12 @@ from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
 from trinityx.io import write_json
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
+from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
 from trinityx.routing import HEAD_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 from trinityx.train import TrainConfig
 
 STAGES = ("splits", "experts", "datamix", "reference", "merges", "router", "calibration", "judges", "evaluate",
           "bench", "report")
-MERGES = ("linear", "ties", "dare")
-# Router variants: folder name -> the RouterConfig changes that make it (the paper's ablations).
-SYSTEMS = ("base", "expert:helpful", "expert:harmless", "expert:honest", "datamix", "merge:linear", "merge:ties",
-           "merge:dare", "trinityx", "trinityx:oracle", "trinityx:no-calibration", "trinityx:no-gl", "trinityx:no-rl",
-           "trinityx:uniform", "trinityx:top1", "trinityx:lm-router", "trinityx-token")
-ROUTERS = {
-    "mocae": {},
-    "mocae-no-gl": {"gl_weight": 0.0},
-    "mocae-no-rl": {"rl_weight": 0.0},
-    "mocae-lm": {"phase": "lm"},
-    "mocae-token": {"router": "token"},
-}
 
 
 @dataclass
@@ -115,7 +104,7 @@ class PipelineConfig:
     process with 2 threads, with the same answers (MC log-likelihoods differed by 1e-9)."""
     bootstrap: int = 1000
     """Bootstrap resamples for the 95% intervals."""
-    bench_systems: tuple[str, ...] = ("base", "trinityx", "trinityx-token", "peft-multi", "dense-moe", "xlora")
+    bench_systems: tuple[str, ...] = BENCH_SYSTEMS
     """Systems in the inference benchmark."""
     bench_memory: bool = True
     """Measure each benchmarked system's peak memory in a fresh subprocess."""
@@ -268,7 +257,7 @@ def stage_merges(run: Run, data_dir: Path) -> dict:
 
     experts = [run.dir / "experts" / d for d in data.DIMENSIONS]
     weights = _gamma(run)
-    methods = [m for m in MERGES if f"merge:{m}" in run.cfg.systems]  # only the merges the run evaluates
+    methods = [m for m in MERGE_METHODS if f"merge:{m}" in run.cfg.systems]  # only the merges the run evaluates
     for method in methods:
         merge(experts, weights, method, run.dir / "merges" / method, density=run.cfg.merge_density, seed=run.cfg.seed)
     return {"weights": weights, "methods": methods}
@@ -276,16 +265,14 @@ def stage_merges(run: Run, data_dir: Path) -> dict:
 
 def routers_needed(systems) -> list[str]:
     """The router folders the run's systems read (`mocae` always: the report's router numbers are its)."""
-    from trinityx.systems import MOCAE_VARIANTS
-
-    needed = {"mocae"} | {MOCAE_VARIANTS[s][0] for s in systems if s in MOCAE_VARIANTS}
-    return [name for name in ROUTERS if name in needed]
+    needed = {"mocae"} | {MOCAE_SYSTEMS[s][0] for s in systems if s in MOCAE_SYSTEMS}
+    return [name for name in ROUTER_FOLDERS if name in needed]
 
 
 def stage_router(run: Run, data_dir: Path) -> dict:
     cfg, logs = run.cfg, {}
     for name in routers_needed(cfg.systems):
-        change = ROUTERS[name]
+        change = ROUTER_FOLDERS[name]
         out = run.dir / name
         if (out / "train_log.json").is_file():
             logs[name] = json.loads((out / "train_log.json").read_text())["router_accuracy_dev"]
@@ -564,7 +551,7 @@ def collect_results(run: Run) -> dict:
         if spec in bench:
             row["efficiency"] = bench[spec]
         systems[spec] = row
-    for name in ("dense-moe", "xlora", "peft-multi"):
+    for name in EFFICIENCY_ONLY:
         if name in bench:
             systems[name] = {"efficiency": bench[name]}
     calibration = json.loads((run.dir / "mocae" / "calibration.json").read_text())
@@ -663,7 +650,7 @@ STAGE_OUTPUTS = {
     "experts": lambda run: [run.dir / "experts" / d / "train_log.json" for d in data.DIMENSIONS],
     "datamix": lambda run: [run.dir / "datamix" / "train_log.json"],
     "reference": lambda run: [run.dir / "reference" / "train_log.json", run.dir / "gamma.json"],
-    "merges": lambda run: [run.dir / "merges" / m / CONFIG_FILE for m in MERGES
+    "merges": lambda run: [run.dir / "merges" / m / CONFIG_FILE for m in MERGE_METHODS
                            if f"merge:{m}" in run.cfg.systems],
     "router": lambda run: [run.dir / name / "train_log.json" for name in routers_needed(run.cfg.systems)],
     "calibration": lambda run: [run.dir / name / "calibration.json" for name in routers_needed(run.cfg.systems)],

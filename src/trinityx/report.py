@@ -34,19 +34,11 @@ from matplotlib.transforms import Bbox
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir
 from trinityx.paths import check_writable
+from trinityx.registry import ABLATIONS, BASE, BASELINES, EFFICIENCY_ONLY, MOE_BASELINES, ORACLE, OURS
 
 DASH = "—"
 DPI = 110
-OURS = "trinityx"
-BASE = "base"
-BASELINES = ("expert:helpful", "expert:harmless", "expert:honest", "datamix", "merge:linear", "merge:ties",
-             "merge:dare")
-ORACLE = "trinityx:oracle"
 MAIN_SYSTEMS = (BASE, *BASELINES, OURS, ORACLE)
-ABLATIONS = ("trinityx:no-calibration", "trinityx:no-gl", "trinityx:no-rl", "trinityx:uniform", "trinityx:top1",
-             "trinityx:lm-router",
-             "trinityx-token")
-EFFICIENCY_ONLY = ("dense-moe", "xlora", "peft-multi")
 SYSTEM_ORDER = (*MAIN_SYSTEMS, *ABLATIONS, *EFFICIENCY_ONLY)
 # The paper's relative gains over strong baselines (Kashyap et al. 2025, abstract), printed next to ours.
 PAPER_GAINS = {"win_rate": 32.5, "safety_score": 33.9, "truth_x_info": 28.4}
@@ -300,7 +292,7 @@ def efficiency_sentence(results: dict) -> str | None:
     if not eff[OURS]:
         return None
     parts = []
-    for other in ("dense-moe", "xlora"):
+    for other in MOE_BASELINES:
         for key, what, less, more in (("peak_memory_mb", "peak memory", "less", "more"),
                                       ("p50_ms", "p50 latency", "lower", "higher")):
             ours, theirs = eff[OURS].get(key), eff[other].get(key)
@@ -717,7 +709,7 @@ def ablation_blocks(results: dict) -> list:
 
 def efficiency_blocks(results: dict) -> list:
     present = [s for s in results.get("systems") or {} if entry(results, s, "efficiency")]
-    systems = ordered({BASE, OURS, "dense-moe", "xlora", *present})
+    systems = ordered({BASE, OURS, *MOE_BASELINES, *present})
     rows = []
     for s in systems:
         e = entry(results, s, "efficiency")

@@ -36,35 +36,9 @@ from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.lora.adapters import ADAPTER_FILES, CONFIG_FILE
 from trinityx.paths import check_name
+from trinityx.registry import CREATED_BY, MERGE_METHODS, MOCAE_SYSTEMS, SPECS_HELP
 from trinityx.mocae import MoCaEModel
 
-MERGE_METHODS = ("linear", "ties", "dare")
-# MoCaE folders and the gating each `trinityx` spec applies on top of the saved config.
-MOCAE_VARIANTS: dict[str, tuple[str, dict]] = {
-    "trinityx": ("mocae", {}),
-    "trinityx:no-calibration": ("mocae", {"temperature": 1.0}),
-    "trinityx:no-gl": ("mocae-no-gl", {}),
-    "trinityx:no-rl": ("mocae-no-rl", {}),
-    "trinityx:uniform": ("mocae", {"gate_mode": "uniform"}),
-    "trinityx:top1": ("mocae", {"gate_mode": "top1"}),
-    "trinityx-token": ("mocae-token", {}),
-    "trinityx:oracle": ("mocae", {"oracle": True}),
-    "trinityx:lm-router": ("mocae-lm", {}),
-}
-# Which command writes each folder of a run (named in the error when a folder is missing).
-CREATED_BY = {
-    "experts": "`trinityx train-experts --out RUN/experts` (or the pipeline's experts stage)",
-    "datamix": "the pipeline's datamix stage (`trinityx run --config CONFIG --out RUN`)",
-    "merges": "the pipeline's merge stage (`trinityx run --config CONFIG --out RUN`)",
-    "mocae": "the pipeline's router and calibration stages (`trinityx run --config CONFIG --out RUN`)",
-    "mocae-no-gl": "the pipeline's ablation stage (`trinityx run --config CONFIG --out RUN`)",
-    "mocae-no-rl": "the pipeline's ablation stage (`trinityx run --config CONFIG --out RUN`)",
-    "mocae-token": "the pipeline's token-router stage (`trinityx run --config CONFIG --out RUN`)",
-    "mocae-lm": "the pipeline's router stage when a system needs it (`trinityx run --config CONFIG --out RUN`)",
-}
-SPECS_HELP = ("base, expert:<dim>, datamix, merge:linear|ties|dare, trinityx, trinityx:no-calibration, "
-              "trinityx:no-gl, trinityx:no-rl, trinityx:uniform, trinityx:top1, trinityx-token, "
-              "trinityx:oracle, trinityx:lm-router, trinityx:weights=w1,w2,...")
 
 
 def _sha256_files(files: list[Path], root: Path) -> str:
@@ -254,8 +228,8 @@ def load_system(spec: str, run_dir: str | Path | None = None, backbone: str | Ba
         folder, kind, gating = _folder(spec, run_dir, "datamix"), "peft", {}
     elif spec.startswith("merge:") and spec.removeprefix("merge:") in MERGE_METHODS:
         folder, kind, gating = _folder(spec, run_dir, f"merges/{spec.removeprefix('merge:')}"), "peft", {}
-    elif spec in MOCAE_VARIANTS:
-        relative, gating = MOCAE_VARIANTS[spec]
+    elif spec in MOCAE_SYSTEMS:
+        relative, gating = MOCAE_SYSTEMS[spec]
         folder, kind = _folder(spec, run_dir, relative), "mocae"
     elif spec.startswith("trinityx:weights="):
         gating = {"gate_mode": "fixed", "fixed_weights": _parse_weights(spec)}

@@ -31,9 +31,9 @@ from peft.utils.merge_utils import (
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
 from trinityx.lora.adapters import Adapter, read_adapter, write_adapter
+from trinityx.registry import MERGE_METHODS
 
 MERGE_RECORD = "trinityx_merge.json"
-METHODS = ("linear", "ties", "dare")
 
 
 def _list_names(names, limit: int = 5) -> str:
@@ -302,8 +302,8 @@ def merge(
     """
     adapter_dirs = [Path(d) for d in adapter_dirs]
     weights = [float(w) for w in weights]
-    if method not in METHODS:
-        raise TrinityXError(f"merge: unknown method={method!r}; choose one of {', '.join(METHODS)}")
+    if method not in MERGE_METHODS:
+        raise TrinityXError(f"merge: unknown method={method!r}; choose one of {', '.join(MERGE_METHODS)}")
     if not adapter_dirs:
         raise TrinityXError("merge: adapter_dirs is empty")
     if len(weights) != len(adapter_dirs):
