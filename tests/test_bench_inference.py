@@ -8,10 +8,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinityx.bench import BenchConfig, run_bench
 from trinityx.bench_inference import (
-    DenseMoE, build_dense_moe, check_targets, build_mocae, build_peft_multi, build_xlora, measure_memory,
-    percentile, probe_memory,
+    BenchInferenceConfig, DenseMoE, bench_inference, build_dense_moe, check_targets, build_mocae, build_peft_multi,
+    build_xlora, measure_memory, percentile, probe_memory,
 )
 from trinityx.errors import TrinityXError
 from trinityx.registry import BENCH_SYSTEMS
@@ -109,9 +108,9 @@ def test_xlora_with_a_zero_classifier_equals_uniform_mocae(tiny_backbone, folder
 
 
 def test_bench_inference_runs_every_system(tiny_backbone, experts, capsys):
-    cfg = BenchConfig(what="inference", backbone=str(tiny_backbone), experts=str(experts), prompts=2, new_tokens=3,
-                      repeats=2, memory=False, threads=1)
-    result = run_bench(cfg)
+    cfg = BenchInferenceConfig(backbone=str(tiny_backbone), experts=str(experts), prompts=2, new_tokens=3,
+                               repeats=2, memory=False, threads=1)
+    result = bench_inference(cfg)
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(result))  # the last line is the JSON
     assert list(result["systems"]) == list(BENCH_SYSTEMS)
@@ -122,12 +121,12 @@ def test_bench_inference_runs_every_system(tiny_backbone, experts, capsys):
     params = {name: row["params"] for name, row in result["systems"].items()}
     assert params["dense-moe"] > params["trinityx"] > params["base"]
     with pytest.raises(TrinityXError, match="--experts"):
-        run_bench(BenchConfig(what="inference", backbone=str(tiny_backbone)))
+        bench_inference(BenchInferenceConfig(backbone=str(tiny_backbone)))
 
 
 def test_memory_probe(tiny_backbone, experts):
     # In this process for speed; `measure_memory` runs the same function in a fresh interpreter.
-    cfg = BenchConfig(what="inference", backbone=str(tiny_backbone), experts=str(experts), prompts=1, new_tokens=2)
+    cfg = BenchInferenceConfig(backbone=str(tiny_backbone), experts=str(experts), prompts=1, new_tokens=2)
     memory = probe_memory(cfg, "trinityx")
     assert memory["peak_memory_mb"] >= 0 and memory["process_peak_rss_mb"] > memory["peak_memory_mb"]
 
@@ -157,7 +156,7 @@ def test_memory_of_a_child_is_not_hidden_by_a_large_parent(tiny_backbone, expert
     # parent's RSS (fork), so peak minus baseline read 0 for every system; VmHWM is reset by exec.
     ballast = bytearray(600 * 2**20)  # 600 MiB, touched below so it is resident
     ballast[::4096] = b"x" * len(ballast[::4096])
-    cfg = BenchConfig(what="inference", backbone=str(tiny_backbone), experts=str(experts), prompts=1, new_tokens=2)
+    cfg = BenchInferenceConfig(backbone=str(tiny_backbone), experts=str(experts), prompts=1, new_tokens=2)
     memory = measure_memory(cfg, "base")
     del ballast
     assert 0 < memory["peak_memory_mb"] < 600  # the tiny model, not the parent's ballast

@@ -1,6 +1,7 @@
 """`trinityx bench train`: expert-training throughput against the plain Hugging Face Trainer + PEFT.
 
-(`trinityx bench inference` lives in `bench_inference.py` and shares `BenchConfig`.)
+(`trinityx bench inference` is `bench_inference.py`, `trinityx bench serve` is `bench_serve.py`, each with its own
+config.)
 
 Both run in this one process on the same backbone, data, LoRA shape, batch and sequence length. Throughput
 counts real (non-pad) tokens per second of optimiser steps, the first step of each system is a warm-up and
@@ -15,22 +16,18 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
-from trinityx.registry import BENCH_SYSTEMS
 from trinityx.sft import collate
 from trinityx.train import TrainConfig, fit
 
 
 @dataclass
-class BenchConfig:
-    """Benchmarks that print a table and a final JSON line."""
+class BenchTrainConfig:
+    """Expert-training throughput: trinityx's loop against the HF Trainer + PEFT, a table and a final JSON line."""
 
-    what: tyro.conf.Positional[Literal["train", "inference"]] = "train"
-    """Which benchmark: train (expert training vs HF Trainer) or inference (MoCaE vs MoE baselines)."""
     backbone: str = DEFAULT_BACKBONE
     """Backbone preset, folder, .gguf or hub id."""
     data_dir: str | None = None
@@ -45,31 +42,6 @@ class BenchConfig:
     """Longest example in tokens."""
     threads: int | None = None
     """torch threads (default: torch's choice)."""
-    experts: str | None = None
-    """inference: folder with one PEFT LoRA adapter subfolder per expert (e.g. runs/experts)."""
-    systems: tuple[str, ...] = BENCH_SYSTEMS
-    """inference: systems to measure, in this order."""
-    prompts: int = 4
-    """inference: how many of the built-in prompts to send."""
-    request_batch: int = 1
-    """inference: prompts per request (a left-padded batch)."""
-    new_tokens: int = 32
-    """inference: tokens generated per request (greedy, EOS suppressed so every request has the same length)."""
-    repeats: int = 3
-    """inference: measured rounds over the prompts per system, after one warm-up request."""
-    pool_layer: int = -1
-    """inference: the layer trinityx's sequence router pools (its routing pass stops there; -1 = the last)."""
-    xlora_repeats: int = 1
-    """inference: measured rounds for xlora, which is slow (no KV cache, two passes per token)."""
-    memory: bool = True
-    """inference: measure each system's peak memory in a fresh subprocess (adds a few seconds per system)."""
-    memory_workers: int = 2
-    """inference: memory probes run side by side, this many at a time, before any timing (a process's peak is
-    its own); 1 on a GPU that cannot hold two copies of the model."""
-    device: str = "cpu"
-    """inference: torch device (cuda: memory is torch.cuda.max_memory_allocated)."""
-    json: bool = False
-    """Print only the final JSON line, not the table."""
 
 
 def _bench_trinityx(backbone, train, dev, lora, cfg: TrainConfig) -> dict:
@@ -118,7 +90,7 @@ def _bench_hf_trainer(backbone, train, lora, cfg: TrainConfig) -> dict:
             "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None}
 
 
-def bench_train(cfg: BenchConfig) -> dict:
+def bench_train(cfg: BenchTrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -147,9 +119,3 @@ def bench_train(cfg: BenchConfig) -> dict:
               "steps": cfg.steps, "systems": rows}
     print(json.dumps(result))
     return result
-
-
-def run_bench(cfg: BenchConfig) -> dict:
-    from trinityx.bench_inference import bench_inference  # imports this module: loaded here, not at the top
-
-    return {"train": bench_train, "inference": bench_inference}[cfg.what](cfg)

@@ -43,20 +43,56 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from trinityx.backbones import Backbone, format_prompt, load_backbone
-from trinityx.bench import BenchConfig
+from trinityx.backbones import DEFAULT_BACKBONE, Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.lora.adapters import is_adapter, read_adapter
 from trinityx.mocae.model import check_experts
 from trinityx.registry import BENCH_SYSTEMS, MOE_BASELINES
+
+
+
+@dataclass
+class BenchInferenceConfig:
+    """MoCaE against the bare backbone and earlier ways of mixing the same experts: a table and a final JSON line."""
+
+    experts: str | None = None
+    """Folder with one PEFT LoRA adapter subfolder per expert (e.g. runs/experts)."""
+    backbone: str = DEFAULT_BACKBONE
+    """Backbone preset, folder, .gguf or hub id."""
+    systems: tuple[str, ...] = BENCH_SYSTEMS
+    """Systems to measure, in this order."""
+    prompts: int = 4
+    """How many of the built-in prompts to send."""
+    request_batch: int = 1
+    """Prompts per request (a left-padded batch)."""
+    new_tokens: int = 32
+    """Tokens generated per request (greedy, EOS suppressed so every request has the same length)."""
+    repeats: int = 3
+    """Measured rounds over the prompts per system, after one warm-up request."""
+    pool_layer: int = -1
+    """The layer trinityx's sequence router pools (its routing pass stops there; -1 = the last)."""
+    xlora_repeats: int = 1
+    """Measured rounds for xlora, which is slow (no KV cache, two passes per token)."""
+    memory: bool = True
+    """Measure each system's peak memory in a fresh subprocess (adds a few seconds per system)."""
+    memory_workers: int = 2
+    """Memory probes run side by side, this many at a time, before any timing (a process's peak is its own);
+    1 on a GPU that cannot hold two copies of the model."""
+    device: str = "cpu"
+    """torch device (cuda: memory is torch.cuda.max_memory_allocated)."""
+    threads: int | None = None
+    """torch threads (default: torch's choice)."""
+    json: bool = False
+    """Print only the final JSON line, not the table."""
+
 
 # Fixed prompts, a few per dimension, so every run of the benchmark sends the same text.
 PROMPTS = [
@@ -233,7 +269,7 @@ class FirstTokenClock(LogitsProcessor):
         return scores
 
 
-def check_config(cfg: BenchConfig) -> list[Path]:
+def check_config(cfg: BenchInferenceConfig) -> list[Path]:
     """Validate the inference flags in one place; returns the expert folders."""
     if not 1 <= cfg.prompts <= len(PROMPTS):
         raise TrinityXError(f"--prompts {cfg.prompts} must be between 1 and {len(PROMPTS)} (the built-in prompts)")
@@ -247,7 +283,7 @@ def check_config(cfg: BenchConfig) -> list[Path]:
     return expert_folders(cfg.experts)
 
 
-def make_requests(backbone: Backbone, cfg: BenchConfig) -> list[tuple[Tensor, Tensor]]:
+def make_requests(backbone: Backbone, cfg: BenchInferenceConfig) -> list[tuple[Tensor, Tensor]]:
     """The first `prompts` built-in prompts, chat-formatted, in left-padded batches of `request_batch`."""
     tok = backbone.tokenizer
     tok.padding_side = "left"
@@ -259,7 +295,7 @@ def make_requests(backbone: Backbone, cfg: BenchConfig) -> list[tuple[Tensor, Te
     return requests
 
 
-def run_request(generate, request: tuple[Tensor, Tensor], cfg: BenchConfig, pad_token_id: int) -> dict:
+def run_request(generate, request: tuple[Tensor, Tensor], cfg: BenchInferenceConfig, pad_token_id: int) -> dict:
     """One timed request: prompt -> new_tokens greedy tokens per row."""
     ids, mask = request
     clock = FirstTokenClock(cfg.device)
@@ -306,7 +342,7 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
 
 
-def probe_memory(cfg: BenchConfig, system: str) -> dict:
+def probe_memory(cfg: BenchInferenceConfig, system: str) -> dict:
     """Build one system, run its longest request; its peak memory (call it in a fresh process, see measure_memory)."""
     import peft  # noqa: F401  (imported before the baseline, like everything else the systems need)
 
@@ -327,12 +363,12 @@ def probe_memory(cfg: BenchConfig, system: str) -> dict:
 
 
 def _memory_probe_main() -> None:
-    """Subprocess entry of measure_memory: argv[1] = {"cfg": BenchConfig fields, "system": name}; prints JSON."""
+    """Subprocess entry of measure_memory: argv[1] = {"cfg": BenchInferenceConfig fields, "system": name}; prints JSON."""
     args = json.loads(sys.argv[1])
-    print(json.dumps(probe_memory(BenchConfig(**args["cfg"]), args["system"])))
+    print(json.dumps(probe_memory(BenchInferenceConfig(**args["cfg"]), args["system"])))
 
 
-def measure_memory(cfg: BenchConfig, system: str) -> dict:
+def measure_memory(cfg: BenchInferenceConfig, system: str) -> dict:
     """Peak memory of one system, built and run alone in a fresh Python process (see the module docstring)."""
     code = "from trinityx.bench_inference import _memory_probe_main; _memory_probe_main()"
     payload = json.dumps({"cfg": asdict(cfg), "system": system})
@@ -363,7 +399,7 @@ def check_targets(rows: dict) -> dict:
     return targets
 
 
-def print_table(cfg: BenchConfig, rows: dict, targets: dict, n_requests: int) -> None:
+def print_table(cfg: BenchInferenceConfig, rows: dict, targets: dict, n_requests: int) -> None:
     print(f"\nbench inference: {cfg.backbone}, experts {cfg.experts}, {cfg.prompts} prompts in {n_requests} requests "
           f"of batch {cfg.request_batch}, {cfg.new_tokens} new tokens (greedy), float32 on {cfg.device}, "
           f"{torch.get_num_threads()} threads; 1 warm-up request, then {cfg.repeats} interleaved rounds "
@@ -379,7 +415,7 @@ def print_table(cfg: BenchConfig, rows: dict, targets: dict, n_requests: int) ->
         print(f"  target {name}: {verdict}")
 
 
-def bench_inference(cfg: BenchConfig) -> dict:
+def bench_inference(cfg: BenchInferenceConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     folders = check_config(cfg)

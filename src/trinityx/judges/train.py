@@ -27,7 +27,7 @@ from trinityx.data import (
 )
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
-from trinityx.judges import KINDS, Judge, references_of, score_answers
+from trinityx.judges.judge import KINDS, Judge, references_of, score_answers
 from trinityx.judges.features import feature_judge, fit_head, judge_features
 from trinityx.judges.local import (
     HEAD_FILE,
