@@ -9,8 +9,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trinityx.bench_inference import (
-    BenchInferenceConfig, DenseMoE, bench_inference, build_dense_moe, check_targets, build_mocae, build_peft_multi,
-    build_xlora, measure_memory, percentile, probe_memory,
+    BenchInferenceConfig, DenseMoE, bench_inference, build_dense_moe, build_peft_multi, build_untrained_mocae,
+    build_xlora, check_targets, measure_memory, percentile, probe_memory,
 )
 from trinityx.errors import TrinityXError
 from trinityx.registry import BENCH_SYSTEMS
@@ -56,7 +56,7 @@ def test_peft_multi_equals_mocae_with_fixed_gates(tiny_backbone, folders, inputs
     w = [0.5, 0.3, 0.2]
     peft_multi = build_peft_multi(load(tiny_backbone), folders, weights=w)
     assert peft_multi.base_model.active_adapters == ["0", "1", "2"]  # three adapters, separate and unmerged
-    mocae = build_mocae(load(tiny_backbone), folders, "sequence", gate_mode="fixed", fixed_weights=w)
+    mocae = build_untrained_mocae(load(tiny_backbone), folders, "sequence", gate_mode="fixed", fixed_weights=w)
     want = mocae(ids, mask).logits
     assert (want - load(tiny_backbone)(ids, attention_mask=mask).logits).abs().max() > 1e-2
     torch.testing.assert_close(peft_multi(input_ids=ids, attention_mask=mask).logits, want, atol=ATOL, rtol=0)
@@ -103,7 +103,7 @@ def test_xlora_with_a_zero_classifier_equals_uniform_mocae(tiny_backbone, folder
     classifier = xlora.base_model.internal_xlora_classifier
     nn.init.zeros_(classifier.layers[-1].weight)
     nn.init.zeros_(classifier.layers[-1].bias)  # every token's scalings = softmax(0) = 1/K
-    mocae = build_mocae(load(tiny_backbone), folders, "sequence", gate_mode="uniform")
+    mocae = build_untrained_mocae(load(tiny_backbone), folders, "sequence", gate_mode="uniform")
     torch.testing.assert_close(xlora(input_ids=ids, attention_mask=mask).logits, mocae(ids, mask).logits, atol=ATOL, rtol=0)
 
 

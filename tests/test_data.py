@@ -124,7 +124,7 @@ def test_shuffling_rows_does_not_change_any_split(data_dir, tmp_path):
     for relative in ["alpaca/alpaca_gpt4_demo.json", "pku_saferlhf/safe_sft.json",
                      "pku_saferlhf/safe_unsafe_pairs.json", "truthfulqa/mc_task.json"]:
         _shuffle_json(shuffled / relative, rng)
-    for kind in D.JUDGE_KINDS:
+    for kind in D.TRUTHFULQA_JUDGE_KINDS:
         path = shuffled / "truthfulqa" / f"finetune_{kind}.jsonl"
         lines = path.read_text().splitlines(keepends=True)
         rng.shuffle(lines)
@@ -153,7 +153,7 @@ def test_a_prompt_in_both_pku_files_gets_one_split(data_dir):
 def test_judge_examples_follow_the_truthfulqa_question_split(data_dir):
     for split in D.SPLITS:
         questions = {q.question for q in D.load_truthfulqa(data_dir, split)}
-        for kind in D.JUDGE_KINDS:
+        for kind in D.TRUTHFULQA_JUDGE_KINDS:
             assert {e.question for e in D.load_judge_examples(kind, data_dir, split)} == questions
 
 

@@ -110,7 +110,7 @@ PROMPTS = [
 # --- the systems -------------------------------------------------------------------------------------------
 
 
-def expert_folders(folder: str | None) -> list[Path]:
+def adapter_subfolders(folder: str | None) -> list[Path]:
     """The PEFT adapter subfolders of --experts, sorted by name (gate k is the k-th folder)."""
     if folder is None:
         raise TrinityXError("bench inference needs --experts DIR: a folder with one PEFT adapter subfolder per expert")
@@ -123,7 +123,7 @@ def expert_folders(folder: str | None) -> list[Path]:
     return found
 
 
-def build_mocae(model: nn.Module, folders: list[Path], router: str, **gating) -> MoCaEModel:
+def build_untrained_mocae(model: nn.Module, folders: list[Path], router: str, **gating) -> MoCaEModel:
     config = MoCaEConfig(expert_names=[f.name for f in folders], router=router, **gating)
     return MoCaEModel(model, folders, config).eval()
 
@@ -230,7 +230,8 @@ def build_system(name: str, backbone: Backbone, folders: list[Path], pool_layer:
     if name == "base":
         return model, lambda ids, mask, **kw: model.generate(input_ids=ids, attention_mask=mask, **kw)
     if name in ("trinityx", "trinityx-token"):
-        mocae = build_mocae(model, folders, "sequence" if name == "trinityx" else "token", pool_layer=pool_layer)
+        router = "sequence" if name == "trinityx" else "token"
+        mocae = build_untrained_mocae(model, folders, router, pool_layer=pool_layer)
         return mocae, mocae.generate
     if name == "peft-multi":
         system = build_peft_multi(model, folders)
@@ -280,7 +281,7 @@ def check_config(cfg: BenchInferenceConfig) -> list[Path]:
     unknown = [s for s in cfg.systems if s not in BENCH_SYSTEMS]
     if unknown or not cfg.systems:
         raise TrinityXError(f"--systems {list(cfg.systems)}: choose one or more of {BENCH_SYSTEMS}")
-    return expert_folders(cfg.experts)
+    return adapter_subfolders(cfg.experts)
 
 
 def make_requests(backbone: Backbone, cfg: BenchInferenceConfig) -> list[tuple[Tensor, Tensor]]:
@@ -351,7 +352,7 @@ def probe_memory(cfg: BenchInferenceConfig, system: str) -> dict:
     before = peak_rss_kib()  # all imports are done
     backbone = load_backbone(cfg.backbone, device=cfg.device)
     requests = make_requests(backbone, cfg)
-    _, generate = build_system(system, backbone, expert_folders(cfg.experts), cfg.pool_layer)
+    _, generate = build_system(system, backbone, adapter_subfolders(cfg.experts), cfg.pool_layer)
     longest = max(requests, key=lambda r: r[0].numel())
     with torch.inference_mode():
         run_request(generate, longest, cfg, backbone.tokenizer.pad_token_id)

@@ -36,7 +36,7 @@ JUDGEMENT_FRACTIONS = {"train": 0.8, "dev": 0.2}
 
 ALPACA_EVAL_SPLITS = ("judge_train", "eval")
 ALPACA_EVAL_REFERENCES = ("gpt4_1106_preview", "text_davinci_003", "gpt4")
-JUDGE_KINDS = ("truth", "info")
+TRUTHFULQA_JUDGE_KINDS = ("truth", "info")
 
 # BeaverTails' 14 harm categories, in the upstream order of BeaverTails-Evaluation (Ji et al. 2023).
 SAFETY_CATEGORIES: tuple[str, ...] = (
@@ -466,7 +466,7 @@ def load_judge_examples(kind: str, data_dir, split: str) -> list[JudgeExample]:
     split is the TruthfulQA split of the row's question, so a judge never trains on a test question.
     Local only: upstream ships these files on GitHub, not on the Hub.
     """
-    _check_choice("kind", kind, JUDGE_KINDS)
+    _check_choice("kind", kind, TRUTHFULQA_JUDGE_KINDS)
     _check_choice("split", split, SPLITS)
     path = _file(data_dir, f"truthfulqa/finetune_{kind}.jsonl")
     examples = []

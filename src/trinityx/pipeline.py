@@ -360,18 +360,19 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
     from trinityx.judges.train import adopt_judges, stale_judges, train_judges
 
     folder = resolve_judges_dir(run.cfg.judges_dir, run.cfg.judge_recipe)
-    stale = adopt_judges(folder, stale_judges(folder, JUDGE_KINDS, run.cfg.judge_recipe), run.cfg.judge_recipe,
+    stale = adopt_judges(folder, stale_judges(folder, RUN_JUDGES, run.cfg.judge_recipe), run.cfg.judge_recipe,
                          resolve_judges_dir(run.cfg.judges_dir))
     for kind, why in stale.items():
         print(f"{kind} judge in {folder}: {why}; training it (once; later runs reuse it)")
     if stale:
         train_judges(data_dir, folder, which=tuple(stale), recipe=run.cfg.judge_recipe)
-    judges = {k: load_judge(folder / k) for k in JUDGE_KINDS}
+    judges = {k: load_judge(folder / k) for k in RUN_JUDGES}
     return {"folder": str(folder), "trained_now": list(stale), "recipe": run.cfg.judge_recipe,
             "judges": {k: {"name": j.name, "threshold": j.threshold, "validity": j.validity} for k, j in judges.items()}}
 
 
-JUDGE_KINDS = ("helpful", "harm", "truth", "info")
+RUN_JUDGES = ("helpful", "harm", "truth", "info")
+"""The judges a run trains (when missing or stale) and loads, in this order: every kind of trinityx.judges.KINDS."""
 
 
 def eval_file(run_dir: Path, system: str) -> Path:

@@ -55,7 +55,8 @@ def read_adapter_config(folder: Path) -> dict:
     except ValueError as e:  # not JSON, or not UTF-8
         raise TrinityXError(f"{path} is not valid JSON ({e}); retrain or recopy the adapter in {folder}") from None
     if not isinstance(config, dict):
-        raise TrinityXError(f"{path} holds no adapter config (a JSON object); retrain or recopy the adapter in {folder}")
+        raise TrinityXError(f"{path} holds no adapter config (a JSON object); retrain or recopy the adapter in "
+                            f"{folder}")
     return config
 
 

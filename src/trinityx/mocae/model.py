@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
 from trinityx.lora.adapters import ADAPTER_FILES, Adapter, lora_scaling, read_adapter
@@ -34,7 +35,7 @@ from trinityx.mocae.router import (GATE_MODES, SequenceRouter, TokenRouter, gate
                                    pool_prompt)
 from trinityx.paths import check_name
 
-ROUTERS = ("sequence", "token")
+ROUTER_GRANULARITIES = ("sequence", "token")
 POOLINGS = ("mean", "last", "mean+last")
 
 
@@ -82,8 +83,8 @@ class MoCaEConfig:
             self.expert_dims = list(self.expert_names)
         if len(self.expert_dims) != K:
             raise TrinityXError(f"expert_dims has {len(self.expert_dims)} entries for {K} experts: give one each")
-        if self.router not in ROUTERS:
-            raise TrinityXError(f"router={self.router!r} is not one of {ROUTERS}")
+        if self.router not in ROUTER_GRANULARITIES:
+            raise TrinityXError(f"router={self.router!r} is not one of {ROUTER_GRANULARITIES}")
         if self.gate_mode not in GATE_MODES:
             raise TrinityXError(f"gate_mode={self.gate_mode!r} is not one of {GATE_MODES}")
         if not self.temperature > 0:
@@ -134,13 +135,6 @@ class MoCaEOutput:
     """[B, K] router logits; for token routing the mean over layers and pooled tokens."""
     gates: Tensor
     """The gates applied: [B, K] (sequence) or [L, B, T, K] (token)."""
-
-
-def load_backbone(backbone: str) -> nn.Module:
-    """Load the backbone named in a MoCaE config (preset, folder, GGUF file or hub id)."""
-    from trinityx.backbones import load_backbone as load
-
-    return load(backbone).model
 
 
 class _PoolLayerReached(Exception):
@@ -444,7 +438,7 @@ class MoCaEModel(nn.Module):
         if backbone_model is None:
             if not config.backbone:
                 raise TrinityXError(f"{folder}/mocae_config.json has no backbone: pass backbone_model=")
-            backbone_model = load_backbone(config.backbone)
+            backbone_model = load_backbone(config.backbone).model  # a preset, folder, GGUF file or hub id
         model = cls(backbone_model, [folder / "experts" / name for name in config.expert_names], config)
         # Folders saved before the sequence router standardised its inputs lack those buffers: they keep 0 and 1.
         model.router.load_state_dict({**model.router.state_dict(), **load_file(folder / "router.safetensors")})
