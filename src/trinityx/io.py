@@ -8,22 +8,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write `obj` as JSON to `path` atomically (temp file in the same folder, then rename)."""
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary file path beside `path`; once the block has written it, it replaces `path` in one rename.
+
+    On an exception the temporary file is removed and `path` keeps its previous content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (temp file in the same folder, flushed to disk, then rename)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write `obj` as JSON to `path` atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 @contextmanager

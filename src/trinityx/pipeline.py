@@ -24,7 +24,7 @@ from trinityx.io import write_json
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
-from trinityx.routing import HEAD_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
+from trinityx.routing import HEAD_TRAIN, LM_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 from trinityx.train import TrainConfig
 
 STAGES = ("splits", "experts", "datamix", "reference", "merges", "router", "calibration", "judges", "evaluate",
@@ -62,8 +62,7 @@ class PipelineConfig:
     """Steps of the short LoRA fit on the target mixture whose task vector gives gamma."""
     merge_density: float = 0.5
     """Kept fraction for ties and dare."""
-    router_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(max_steps=40, lr=2e-3, warmup_steps=4, eval_every=20, dev_examples=48))
+    router_train: TrainConfig = field(default_factory=lambda: replace(LM_TRAIN))
     router_loss: RouterLoss = field(default_factory=RouterLoss)
     router_pool_layer: int = -1
     """Hidden state the sequence routers pool (0 embeddings, l after layer l, -1 the last). The routing pass stops

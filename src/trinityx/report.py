@@ -17,9 +17,7 @@ section may be missing (a partial run): it renders as "—".
 import base64
 import html
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir
+from trinityx.io import atomic_dir, write_text
 from trinityx.paths import check_writable
 from trinityx.registry import ABLATIONS, BASE, BASELINES, EFFICIENCY_ONLY, MOE_BASELINES, ORACLE, OURS
 
@@ -990,21 +988,6 @@ def html_body(blocks: list, run: Path) -> str:
     return "\n".join(out)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (temp file in the same folder, then rename), like io.write_json."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes private files; a report is for reading
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_results(run: Path) -> dict:
     path = run / "results.json"
     if not path.is_file():
@@ -1024,7 +1007,6 @@ def render_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = Path(run_dir)
     results = load_results(run)
     with atomic_dir(run / "figures") as folder:
-        os.chmod(folder, 0o755)  # mkdtemp makes a private folder
         figures = draw_figures(results, folder)
     blocks = build_document(results, run, figures)
     md_path, html_path = run / "report.md", run / "report.html"

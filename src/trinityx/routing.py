@@ -102,8 +102,7 @@ class RouterConfig:
     overwrite: bool = False
     """Replace an existing output folder."""
     loss: Annotated[RouterLoss, tyro.conf.OmitArgPrefixes] = field(default_factory=RouterLoss)
-    train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes] = field(
-        default_factory=lambda: TrainConfig(max_steps=40, lr=2e-3, warmup_steps=4, eval_every=20, dev_examples=48))
+    train: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=lambda: replace(LM_TRAIN))
     head_train: TrainConfig = field(default_factory=lambda: HEAD_TRAIN)
     """The head's optimisation in the states phase (max_steps, batch_size, lr, weight_decay, warmup_steps,
     max_length of a prompt, seed; eval_every and checkpoints do not apply: a run takes seconds)."""
@@ -122,6 +121,8 @@ class RouterConfig:
         (self.train if self.phase == "lm" or self.router == "token" else self.head_train).validate()
 
 
+LM_TRAIN = TrainConfig(max_steps=40, lr=2e-3, warmup_steps=4, eval_every=20, dev_examples=48)
+"""Defaults of the lm phase (and of token routers): 40 steps through the mixture with the LM loss."""
 HEAD_TRAIN = TrainConfig(max_steps=300, batch_size=96, micro_batch_size=96, lr=3e-3, weight_decay=0.01,
                          warmup_steps=10, max_length=256, eval_every=300, dev_examples=1, checkpoint_every=0)
 """Defaults of the states phase: 300 full steps of AdamW on the cached states (a few seconds on a CPU)."""

@@ -13,13 +13,13 @@ number of classes (experts / dimensions).
   fitted by minimising NLL on held-out data. It does not change the argmax, so accuracy is unchanged.
 """
 
-import os
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from trinityx.io import atomic_file
 
 N_BINS = 15  # Guo et al. 2017 use M = 15 bins
 
@@ -150,9 +150,6 @@ def reliability_diagram(probs, labels, path: str | Path, title: str = "", n_bins
     bottom.set_ylabel("count")
     bottom.set_xlim(0, 1)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
