@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from trinityx import data
 from trinityx.backbones import format_prompt, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.evaluate import AXES, Shard, evaluate, mc_scores, merge_shards, qa_prompt
+from trinityx.evaluate import AXES, EvaluateConfig, Shard, evaluate, mc_scores, merge_shards, qa_prompt
 from trinityx.generation import GenerationSettings, cache_path, encode_pair, generate_batch
 from trinityx.judges import Judge
 from trinityx.mocae import MoCaEConfig, MoCaEModel
@@ -252,9 +252,9 @@ def fake_judges(fail_harm_item: int | None = None):
 def test_evaluate_writes_every_metric(run, backbone, data_dir, tmp_path):
     s = load_system("trinityx", run, backbone)
     out = tmp_path / "eval.json"
-    result = evaluate(s, ("helpful", "harmless", "honest"), limit=3, out=out, seed=7, data_dir=data_dir,
-                      judges=fake_judges(), max_new_tokens=6, answer_tokens=6, bootstrap=50,
-                      cache_dir=tmp_path / "cache", config={"note": "test"})
+    cfg = EvaluateConfig(s.name, out, axes="helpful,harmless,honest", limit=3, seed=7, data_dir=data_dir,
+                         max_new_tokens=6, answer_tokens=6, bootstrap=50, cache_dir=tmp_path / "cache")
+    result = evaluate(s, cfg, judges=fake_judges(), record={"note": "test"})
     s.close()
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
@@ -285,8 +285,8 @@ def test_evaluate_writes_every_metric(run, backbone, data_dir, tmp_path):
 def test_judge_failure_is_counted_not_zero(run, backbone, data_dir, tmp_path):
     s = load_system("base", run, backbone)
     out = tmp_path / "eval.json"
-    evaluate(s, ("harmless",), limit=3, out=out, data_dir=data_dir, judges=fake_judges(fail_harm_item=0),
-             max_new_tokens=4, bootstrap=20, cache_dir=tmp_path / "cache")
+    evaluate(s, EvaluateConfig(s.name, out, axes="harmless", limit=3, data_dir=data_dir, max_new_tokens=4,
+                               bootstrap=20, cache_dir=tmp_path / "cache"), judges=fake_judges(fail_harm_item=0))
     record = json.loads(out.read_text())["axes"]["harmless"]
     # item 0 failed; items 1, 2 score 0.9 (unsafe) and 0.1 -> 1 of 2 unsafe = 50 %, not 1 of 3
     assert record["judge_failures"]["harm"]["count"] == 1
@@ -297,8 +297,8 @@ def test_judge_failure_is_counted_not_zero(run, backbone, data_dir, tmp_path):
 def test_missing_judge_fails_before_generating(run, backbone, data_dir, tmp_path):
     s = load_system("base", run, backbone)
     with pytest.raises(TrinityXError, match="harm judge is missing.*train-judges"):
-        evaluate(s, ("harmless",), limit=2, out=tmp_path / "e.json", judges_dir=tmp_path / "nojudges",
-                 data_dir=data_dir, cache_dir=tmp_path / "cache")
+        evaluate(s, EvaluateConfig(s.name, tmp_path / "e.json", axes="harmless", limit=2, judges=tmp_path / "nojudges",
+                                   data_dir=data_dir, cache_dir=tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
 
 
@@ -335,12 +335,14 @@ def without_timing(result: dict, *config_keys: str) -> dict:
 
 def test_sharded_evaluation_merges_into_the_one_process_result(run, backbone, data_dir, tmp_path):
     s = load_system("expert:honest", run, backbone)
-    kwargs = dict(limit=5, seed=3, data_dir=data_dir, judges=content_judges(), max_new_tokens=5, answer_tokens=5,
+    kwargs = dict(axes=",".join(AXES), limit=5, seed=3, data_dir=data_dir, max_new_tokens=5, answer_tokens=5,
                   bootstrap=40, batch_size=2)
-    one = evaluate(s, AXES, out=tmp_path / "one" / "eval.json", cache_dir=tmp_path / "cache1", **kwargs)
+    judges = content_judges()
+    one = evaluate(s, EvaluateConfig(s.name, tmp_path / "one" / "eval.json", cache_dir=tmp_path / "cache1", **kwargs),
+                   judges=judges)
     for i in range(2):
-        evaluate(s, AXES, out=tmp_path / "two" / "eval.json", cache_dir=tmp_path / "cache2", shard=Shard(i, 2),
-                 **kwargs)
+        evaluate(s, EvaluateConfig(s.name, tmp_path / "two" / "eval.json", cache_dir=tmp_path / "cache2", **kwargs),
+                 judges=judges, shard=Shard(i, 2))
     with pytest.raises(TrinityXError, match="cannot merge"):
         merge_shards(tmp_path / "two" / "eval.json", 3)  # no such sharding
     merged = merge_shards(tmp_path / "two" / "eval.json")
@@ -358,13 +360,14 @@ def test_sharded_evaluation_merges_into_the_one_process_result(run, backbone, da
 
 def test_merge_refuses_incomplete_or_mismatched_shards(run, backbone, data_dir, tmp_path):
     s = load_system("base", run, backbone)
-    kwargs = dict(limit=3, data_dir=data_dir, judges=content_judges(), max_new_tokens=3, bootstrap=10,
+    kwargs = dict(axes="harmless", limit=3, data_dir=data_dir, max_new_tokens=3, bootstrap=10,
                   cache_dir=tmp_path / "cache")
+    judges = content_judges()
     out = tmp_path / "eval.json"
-    evaluate(s, ("harmless",), out=out, shard=Shard(0, 2), **kwargs)
+    evaluate(s, EvaluateConfig(s.name, out, **kwargs), judges=judges, shard=Shard(0, 2))
     with pytest.raises(TrinityXError, match=r"shard 1/2 .* is missing"):
         merge_shards(out)
-    evaluate(s, ("harmless",), out=out, shard=Shard(1, 2), **{**kwargs, "seed": 9})
+    evaluate(s, EvaluateConfig(s.name, out, **{**kwargs, "seed": 9}), judges=judges, shard=Shard(1, 2))
     with pytest.raises(TrinityXError, match="different config"):
         merge_shards(out)
     s.close()
@@ -374,14 +377,15 @@ def test_merge_refuses_incomplete_or_mismatched_shards(run, backbone, data_dir, 
 
 def test_shards_share_the_generation_cache(run, backbone, data_dir, tmp_path, monkeypatch):
     s = load_system("base", run, backbone)
-    kwargs = dict(limit=4, data_dir=data_dir, judges=content_judges(), max_new_tokens=3, bootstrap=10,
+    kwargs = dict(axes="harmless", limit=4, data_dir=data_dir, max_new_tokens=3, bootstrap=10,
                   cache_dir=tmp_path / "cache")
+    judges = content_judges()
     for i in range(2):
-        evaluate(s, ("harmless",), out=tmp_path / "two.json", shard=Shard(i, 2), **kwargs)
+        evaluate(s, EvaluateConfig(s.name, tmp_path / "two.json", **kwargs), judges=judges, shard=Shard(i, 2))
     calls = []
     original = s.generate_ids
     monkeypatch.setattr(s, "generate_ids", lambda *a, **k: calls.append(1) or original(*a, **k))
-    evaluate(s, ("harmless",), out=tmp_path / "one.json", **kwargs)  # one process: every answer is cached
+    evaluate(s, EvaluateConfig(s.name, tmp_path / "one.json", **kwargs), judges=judges)  # one process: all cached
     s.close()
     assert calls == []
 
@@ -391,8 +395,9 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
 
     s = load_system("trinityx", run, backbone)
     out = tmp_path / "trinityx.json"
-    saved = evaluate(s, ("helpful", "harmless", "honest"), limit=3, out=out, data_dir=data_dir, judges=fake_judges(),
-                     max_new_tokens=4, answer_tokens=4, bootstrap=20, cache_dir=tmp_path / "cache")
+    kwargs = dict(limit=3, data_dir=data_dir, max_new_tokens=4, answer_tokens=4, bootstrap=20,
+                  cache_dir=tmp_path / "cache")
+    saved = evaluate(s, EvaluateConfig(s.name, out, axes="helpful,harmless,honest", **kwargs), judges=fake_judges())
     questions = [q.question for q in data.load_truthfulqa(data_dir, "test")[:3]]
     honest = json.loads((tmp_path / "trinityx.honest.json").read_text())["records"]
     # A TruthfulQA question is routed as the question, in the chat format, never as the few-shot QA primer.
@@ -409,17 +414,16 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
 
     oracle = load_system("trinityx:oracle", run, backbone)
     assert oracle.fingerprint != s.fingerprint
-    result = evaluate(oracle, ("helpful", "harmless", "honest"), limit=3, out=tmp_path / "oracle.json",
-                      data_dir=data_dir, judges=fake_judges(), max_new_tokens=4, answer_tokens=4, bootstrap=20,
-                      cache_dir=tmp_path / "cache")
+    result = evaluate(oracle, EvaluateConfig(oracle.name, tmp_path / "oracle.json", axes="helpful,harmless,honest",
+                                             **kwargs), judges=fake_judges())
     for axis in ("helpful", "harmless", "honest"):
         assert result["axes"][axis]["routing"]["accuracy"] == 1.0
         assert result["axes"][axis]["routing"]["mean_gates"][axis] == 1.0
     # One-hot on honest is the honest expert alone: the same MC log-likelihoods as expert:honest.
     oracle.close()
     expert = load_system("expert:honest", run, backbone)
-    evaluate(expert, ("honest",), limit=3, out=tmp_path / "expert.json", data_dir=data_dir, judges=fake_judges(),
-             max_new_tokens=4, answer_tokens=4, bootstrap=20, cache_dir=tmp_path / "cache")
+    evaluate(expert, EvaluateConfig(expert.name, tmp_path / "expert.json", axes="honest", **kwargs),
+             judges=fake_judges())
     expert.close()
     mine, theirs = item_values(tmp_path / "oracle.json"), item_values(tmp_path / "expert.json")
     for i in mine["mc2"]:

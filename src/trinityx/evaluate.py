@@ -439,53 +439,50 @@ def finish_axis(axis: str, part: dict, out: Path, seed: int, n_boot: int) -> dic
     return record
 
 
-def evaluate(system, axes=AXES, limit: int | None = None, out: str | Path = "eval.json", seed: int = 0,
-             judges_dir: str | Path | None = None, *, mc_limit: int | None = None, data_dir=None,
-             judges: dict | None = None,
-             judge_overrides: dict[str, str] | None = None, reference: str = "gpt4_1106_preview",
-             bootstrap: int = 1000, max_new_tokens: int = 256, answer_tokens: int = 50, batch_size: int = 8,
-             mc_batch_size: int = 32, cache_dir: str | Path | None = None, config: dict | None = None,
-             shard: Shard = Shard(), backend: str = "hf") -> dict:
-    """Evaluate `system` on `axes` and write the results JSON to `out` after each axis; returns it.
+def evaluate(system, cfg: EvaluateConfig, *, judges: dict | None = None, shard: Shard = Shard(),
+             record: dict | None = None) -> dict:
+    """Evaluate `system` as `cfg` says and write the results JSON to `cfg.out` after each axis; returns it.
 
     With `shard` = Shard(i, n), n > 1, only items i, i + n, ... are scored and the per-item records go to
     <out>.shard-i-of-n.json; `merge_shards(out)` then writes exactly the file one process would.
-    `judges` ({kind: Judge}) replaces loading them from `judges_dir` (tests, or callers that hold judges).
+    `judges` ({kind: Judge}) replaces loading them from `cfg.judges` (tests, or callers that hold judges).
+    `record` is added to the resolved config the result carries (who ran it: the CLI's flags, the pipeline stage).
     """
-    axes = tuple(axes.split(",")) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(cfg.axes.split(","))
     unknown = [a for a in axes if a not in AXES]
-    if unknown or not axes:
-        raise TrinityXError(f"--axes {','.join(axes)}: choose from {', '.join(AXES)}")
-    for flag, value in (("--limit", limit), ("--mc-limit", mc_limit)):
+    if unknown or not cfg.axes:
+        raise TrinityXError(f"--axes {cfg.axes}: choose from {', '.join(AXES)}")
+    for flag, value in (("--limit", cfg.limit), ("--mc-limit", cfg.mc_limit)):
         if value is not None and value < 1:
             raise TrinityXError(f"{flag} {value}: give a positive number of items, or no {flag} for all")
-    out = Path(out)
-    data_root = data.resolve_data_dir(data_dir)
+    out = Path(cfg.out)
+    data_root = data.resolve_data_dir(cfg.data_dir)
     # Judges first: a missing judge fails before minutes of generation.
-    judges = judges if judges is not None else load_judges(axes, judges_dir, judge_overrides or {})
-    answer_settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend)
+    judges = judges if judges is not None else load_judges(axes, cfg.judges, parse_overrides(cfg.judge))
+    answer_settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                         backend=cfg.backend)
     # TruthfulQA answers continue the QA primer as plain text, as in TruthfulQA and lm-eval's truthfulqa_gen.
-    qa_settings = GenerationSettings(max_new_tokens=answer_tokens, stop=ANSWER_STOP, raw=True, batch_size=batch_size,
-                                     backend=backend)
-    resolved = {"axes": list(axes), "limit": limit, "mc_limit": mc_limit, "seed": seed, "judges_dir": str(resolve_judges_dir(judges_dir)),
-                "data_dir": str(data_root), "reference": reference, "bootstrap": bootstrap,
+    qa_settings = GenerationSettings(max_new_tokens=cfg.answer_tokens, stop=ANSWER_STOP, raw=True,
+                                     batch_size=cfg.batch_size, backend=cfg.backend)
+    resolved = {"axes": list(axes), "limit": cfg.limit, "mc_limit": cfg.mc_limit, "seed": cfg.seed,
+                "judges_dir": str(resolve_judges_dir(cfg.judges)), "data_dir": str(data_root),
+                "reference": cfg.reference, "bootstrap": cfg.bootstrap,
                 "helpful_harmless_generation": answer_settings.key(), "honest_generation": qa_settings.key(),
-                "mc_batch_size": mc_batch_size, "batch_size": batch_size, **(config or {})}
+                "mc_batch_size": cfg.mc_batch_size, "batch_size": cfg.batch_size, **(record or {})}
     resolved.pop("shard", None)  # not part of the result: every sharding gives the same file
     result = {"system": system.name, "system_details": system.details, "fingerprint": system.fingerprint,
-              "backbone": system.backbone.name, "prompt_format": system.backbone.prompt_format, "seed": seed,
+              "backbone": system.backbone.name, "prompt_format": system.backbone.prompt_format, "seed": cfg.seed,
               "config": resolved, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "axes": {}}
     sharded = shard.count > 1
     if sharded:
         result["shard"] = asdict(shard)
     for axis in axes:
         start = time.perf_counter()
-        part = score_axis(axis, system, judges, data_root, limit=limit, mc_limit=mc_limit, shard=shard, seed=seed,
-                          reference=reference,
-                          answer_settings=answer_settings, qa_settings=qa_settings, cache_dir=cache_dir,
-                          mc_batch_size=mc_batch_size)
+        part = score_axis(axis, system, judges, data_root, limit=cfg.limit, mc_limit=cfg.mc_limit, shard=shard,
+                          seed=cfg.seed, reference=cfg.reference, answer_settings=answer_settings,
+                          qa_settings=qa_settings, cache_dir=cfg.cache_dir, mc_batch_size=cfg.mc_batch_size)
         part["system"], part["seconds"] = system.name, time.perf_counter() - start
-        result["axes"][axis] = part if sharded else finish_axis(axis, part, out, seed, bootstrap)
+        result["axes"][axis] = part if sharded else finish_axis(axis, part, out, cfg.seed, cfg.bootstrap)
         write_json(shard.file(out) if sharded else out, result)  # a later crash loses nothing that is finished
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(shard.file(out) if sharded else out, result)
@@ -580,19 +577,14 @@ def evaluate_cli(cfg: EvaluateConfig) -> dict:
     if launched and cfg.shard:
         raise TrinityXError("--shard is set by `accelerate launch` (one shard per process); drop --shard")
     shard = launched or (Shard.parse(cfg.shard) if cfg.shard else Shard())
-    overrides = parse_overrides(cfg.judge)
+    parse_overrides(cfg.judge)  # a bad --judge fails before the backbone loads
     name = cfg.backbone or run_backbone(cfg.run)
     if name is None:
         raise TrinityXError("no backbone: pass --backbone NAME or --run RUN (its run.json names the backbone)")
     device = str(process_state().device) if launched else None
     backbone = load_backbone(name, device=device)
     system = load_system(cfg.system, cfg.run, backbone)
-    result = evaluate(system, cfg.axes, cfg.limit, cfg.out, cfg.seed, cfg.judges, mc_limit=cfg.mc_limit,
-                      data_dir=cfg.data_dir,
-                      judge_overrides=overrides, reference=cfg.reference, bootstrap=cfg.bootstrap,
-                      max_new_tokens=cfg.max_new_tokens, answer_tokens=cfg.answer_tokens, batch_size=cfg.batch_size,
-                      mc_batch_size=cfg.mc_batch_size, cache_dir=cfg.cache_dir,
-                      config={"command": "evaluate", **to_jsonable(asdict(cfg))}, shard=shard, backend=cfg.backend)
+    result = evaluate(system, cfg, shard=shard, record={"command": "evaluate", **to_jsonable(asdict(cfg))})
     system.close()
     if shard.count > 1 and not launched:
         print(f"shard {shard.index}/{shard.count} -> {shard.file(Path(cfg.out))}; when every shard has finished: "

@@ -406,16 +406,18 @@ def _evaluated(out: Path) -> bool:
 
 def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, data_dir: Path, backbone) -> float:
     """Evaluate one system of the run into RUN/eval/SYSTEM.json; returns the seconds it took."""
-    from trinityx.evaluate import evaluate
+    from trinityx.evaluate import EvaluateConfig, evaluate
     from trinityx.systems import load_system
 
     start = time.perf_counter()
     system = load_system(spec, run_dir, backbone)
+    evaluation = EvaluateConfig(system=spec, out=eval_file(run_dir, spec), limit=cfg.eval_limit,
+                                mc_limit=cfg.eval_mc_limit, data_dir=data_dir, judges=judges_dir, seed=cfg.seed,
+                                bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
+                                answer_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size,
+                                cache_dir=run_dir / "generations")
     try:
-        evaluate(system, ("helpful", "harmless", "honest"), cfg.eval_limit, eval_file(run_dir, spec), cfg.seed,
-                 judges_dir, mc_limit=cfg.eval_mc_limit, data_dir=data_dir, bootstrap=cfg.bootstrap, max_new_tokens=cfg.max_new_tokens,
-                 answer_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size,
-                 cache_dir=run_dir / "generations", config={"stage": "evaluate", "profile": cfg.profile})
+        evaluate(system, evaluation, record={"stage": "evaluate", "profile": cfg.profile})
     finally:
         system.close()
     return time.perf_counter() - start
