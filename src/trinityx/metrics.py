@@ -14,6 +14,7 @@ resample them.
   answers, from unnormalised summed log-likelihoods).
 - `rate`, `joint_rate`: the share of flagged items, and the mean of a per-item product (TruthfulQA's
   "% true and informative" is the mean of truth x info per answer, not the product of the two rates).
+- `relative_gain`: the paper's "relative gain" of a number over a reference, 100 (x - ref) / ref.
 - `bootstrap_ci`: the 95% percentile bootstrap interval of a statistic over items (Efron & Tibshirani 1993).
 - `paired_difference`: two systems scored on the same items, the difference of a statistic and the 95%
   interval of that difference from a paired bootstrap (both systems resampled with the same item indices), so
@@ -171,3 +172,11 @@ def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:
     if lo > 0 or hi < 0:
         return "win" if (lo > 0) == higher_is_better else "loss"
     return "tie"
+
+
+def relative_gain(ours: float | None, reference: float | None) -> float | None:
+    """100 (ours - reference) / reference, the paper's "relative gain"; None when either is missing or the
+    reference is 0."""
+    if ours is None or reference is None or reference == 0:
+        return None
+    return 100.0 * (ours - reference) / reference

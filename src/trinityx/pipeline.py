@@ -21,6 +21,7 @@ from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
 from trinityx.io import write_json
+from trinityx.metrics import relative_gain
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
@@ -485,12 +486,6 @@ def stage_bench(run: Run, data_dir: Path) -> dict:
     return {"systems": list(result["systems"])}
 
 
-def _pct_change(new: float | None, old: float | None) -> float | None:
-    if new is None or old is None or old == 0:
-        return None
-    return 100.0 * (new - old) / old
-
-
 def collect_results(run: Run) -> dict:
     """results.json: every number of the run with its provenance, from the stage outputs."""
     cfg = run.cfg
@@ -572,9 +567,9 @@ def collect_results(run: Run) -> dict:
         if name == "base" or "helpful" not in row:
             continue
         relative[name] = {
-            "win_rate": _pct_change(row["helpful"]["win_rate"], base.get("helpful", {}).get("win_rate")),
-            "safety_score": _pct_change(row["harmless"]["safety_score"], base.get("harmless", {}).get("safety_score")),
-            "truth_x_info": _pct_change(row["honest"]["truth_x_info"], base.get("honest", {}).get("truth_x_info")),
+            "win_rate": relative_gain(row["helpful"]["win_rate"], base.get("helpful", {}).get("win_rate")),
+            "safety_score": relative_gain(row["harmless"]["safety_score"], base.get("harmless", {}).get("safety_score")),
+            "truth_x_info": relative_gain(row["honest"]["truth_x_info"], base.get("honest", {}).get("truth_x_info")),
         }
     routing, routing_accuracy = {}, {}
     if eval_file(run.dir, "trinityx").is_file():  # how trinityx routed each evaluation set's items

@@ -31,6 +31,7 @@ from matplotlib.transforms import Bbox
 
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_text
+from trinityx.metrics import relative_gain
 from trinityx.paths import check_writable
 from trinityx.registry import ABLATIONS, BASE, BASELINES, EFFICIENCY_ONLY, MOE_BASELINES, ORACLE, OURS
 
@@ -166,11 +167,6 @@ def ordered(names) -> list[str]:
     """Known systems in SYSTEM_ORDER, then any others by name."""
     names = set(names)
     return [s for s in SYSTEM_ORDER if s in names] + sorted(names - set(SYSTEM_ORDER))
-
-
-def relative_gain(ours: float, reference: float) -> float | None:
-    """100 (ours - reference) / reference, the paper's "relative gain"; None when the reference is 0."""
-    return None if reference == 0 else 100.0 * (ours - reference) / reference
 
 
 def main_systems(results: dict) -> list[str]:
