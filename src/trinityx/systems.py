@@ -1,4 +1,5 @@
-"""Systems: everything that can be evaluated, loaded from a run folder by a short spec.
+"""Systems: everything that can be evaluated, loaded from a run folder by a short spec (the list of specs and
+their folders is `trinityx.registry`).
 
     base                        the bare backbone
     expert:<dim>                RUN/experts/<dim>/            (PEFT LoRA adapter)
@@ -35,10 +36,9 @@ from torch import Tensor, nn
 from trinityx.backbones import Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.lora.adapters import ADAPTER_FILES, CONFIG_FILE
+from trinityx.mocae import MoCaEModel
 from trinityx.paths import check_name
 from trinityx.registry import CREATED_BY, MERGE_METHODS, MOCAE_SYSTEMS, SPECS_HELP
-from trinityx.mocae import MoCaEModel
-
 
 
 def _sha256_files(files: list[Path], root: Path) -> str:
