@@ -67,9 +67,10 @@ RECIPES = {
     # The harm judge on the embedded backbone's frozen states of (prompt, response): more accurate than MiniLM's
     # and slower to train (docs/judges.md); truth, info and helpful as in `default`. The paper profiles use it.
     "backbone": {
-        # layers 15 and 20 of SmolLM2's 30; 6,000 training rows (of 12,448) keep the states to ~15 minutes.
+        # layers 15 and 20 of SmolLM2's 30; 6,000 training rows (of 12,448) keep the states to ~15 minutes of
+        # one thread; L2 0.3 measured better than 0.08 and 0.02 on the same features (docs/judges.md).
         "harm": {"architecture": "backbone-features", "backbone": "smollm2-135m", "layers": [15, 20],
-                 "max_prompt_tokens": 64, "max_length": 160, "hidden": 0, "l2": 0.08,
+                 "max_prompt_tokens": 64, "max_length": 160, "hidden": 0, "l2": 0.3,
                  **_FEATURE_HEAD, "max_train": 6000, "batch_size": 16},
         "truth": "default", "info": "default", "helpful": "default",
     },
