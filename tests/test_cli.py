@@ -111,3 +111,18 @@ def test_flags_and_yaml_values_are_checked_before_a_model_loads(tiny_backbone, d
         with pytest.raises(SystemExit) as exit:
             main(argv)
         assert exit.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_train_judges_refuses_an_unwritable_out_before_training(data_dir, tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("a judge trained before --out was checked")
+
+    monkeypatch.setattr("trinityx.judges.cli.train_judges", no_work)
+    (tmp_path / "a-file").write_text("")
+    for out, why in ((tmp_path / "a-file" / "judges", "is a file, not a folder"),
+                     (Path("/proc/trinityx/judges"), "cannot be written")):
+        with pytest.raises(SystemExit) as exit:
+            main(["train-judges", "--data-dir", str(data_dir), "--out", str(out)])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and why in err

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trinityx import data
+from trinityx.paths import check_writable
 from trinityx.judges.train import KINDS, RECIPES, adopt_judges, stale_judges, train_judges
 
 
@@ -36,6 +37,7 @@ def train_judges_cli(cfg: TrainJudgesConfig) -> dict:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"--recipe {cfg.recipe!r} is unknown; choose from {', '.join(RECIPES)}")
     out = resolve_judges_dir(cfg.out, cfg.recipe)
+    check_writable(out, "--out")  # before any judge trains (issue 15: no work lost to an unwritable folder)
     which = cfg.which
     if cfg.resume:
         which = tuple(adopt_judges(out, stale_judges(out, cfg.which, cfg.recipe, cfg.seed), cfg.recipe,
