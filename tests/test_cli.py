@@ -113,7 +113,7 @@ def test_flags_and_yaml_values_are_checked_before_a_model_loads(tiny_backbone, d
         assert exit.value.code == 2 and message in capsys.readouterr().err, argv
 
 
-def test_train_judges_refuses_an_unwritable_out_before_training(data_dir, tmp_path, monkeypatch, capsys):
+def test_train_judges_checks_out_and_recipe_before_training(data_dir, tmp_path, monkeypatch, capsys):
     def no_work(*args, **kwargs):
         raise AssertionError("a judge trained before --out was checked")
 
@@ -126,3 +126,6 @@ def test_train_judges_refuses_an_unwritable_out_before_training(data_dir, tmp_pa
         assert exit.value.code == 2
         err = capsys.readouterr().err
         assert f"--out {out}" in err and why in err
+    with pytest.raises(SystemExit) as exit:
+        main(["train-judges", "--data-dir", str(data_dir), "--out", str(tmp_path / "j"), "--recipe", "bigger"])
+    assert exit.value.code == 2 and "--recipe 'bigger' is unknown; choose from default, backbone" in capsys.readouterr().err

@@ -4,8 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trinityx import data
-from trinityx.paths import check_writable
+from trinityx.errors import TrinityXError
 from trinityx.judges.train import KINDS, RECIPES, adopt_judges, stale_judges, train_judges
+from trinityx.paths import check_writable
 
 
 @dataclass
@@ -35,7 +36,7 @@ def train_judges_cli(cfg: TrainJudgesConfig) -> dict:
     from trinityx.evaluate import resolve_judges_dir
 
     if cfg.recipe not in RECIPES:
-        raise ValueError(f"--recipe {cfg.recipe!r} is unknown; choose from {', '.join(RECIPES)}")
+        raise TrinityXError(f"--recipe {cfg.recipe!r} is unknown; choose from {', '.join(RECIPES)}")
     out = resolve_judges_dir(cfg.out, cfg.recipe)
     check_writable(out, "--out")  # before any judge trains (issue 15: no work lost to an unwritable folder)
     which = cfg.which
