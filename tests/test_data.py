@@ -235,14 +235,21 @@ BAD_INPUTS = {
 }
 
 
+def _damage_and_load(data_dir, tmp_path, relative, corrupt, load, pattern) -> None:
+    """Copy the data folder, damage one file's bytes with `corrupt`, and expect the loader's clear error."""
+    root = _copy(data_dir, tmp_path)
+    path = root / relative
+    damaged = corrupt(path.read_bytes())
+    assert damaged != path.read_bytes()
+    path.write_bytes(damaged)
+    with pytest.raises(TrinityXError, match=pattern):
+        load(root)
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_names_file_row_and_key(data_dir, tmp_path, case):
     relative, corrupt, load, pattern = BAD_INPUTS[case]
-    root = _copy(data_dir, tmp_path)
-    path = root / relative
-    path.write_text(corrupt(path.read_text(encoding="utf-8")), encoding="utf-8")
-    with pytest.raises(TrinityXError, match=pattern):
-        load(root)
+    _damage_and_load(data_dir, tmp_path, relative, lambda b: corrupt(b.decode("utf-8")).encode("utf-8"), load, pattern)
 
 
 # (file to corrupt, how, on bytes, loader call, expected message pattern)
@@ -263,14 +270,7 @@ CORRUPT_BYTES = {
 
 @pytest.mark.parametrize("case", CORRUPT_BYTES)
 def test_corrupt_bytes_name_the_file_and_the_fix(data_dir, tmp_path, case):
-    relative, corrupt, load, pattern = CORRUPT_BYTES[case]
-    root = _copy(data_dir, tmp_path)
-    path = root / relative
-    damaged = corrupt(path.read_bytes())
-    assert damaged != path.read_bytes()
-    path.write_bytes(damaged)
-    with pytest.raises(TrinityXError, match=pattern):
-        load(root)
+    _damage_and_load(data_dir, tmp_path, *CORRUPT_BYTES[case])
 
 
 def test_judgements_refuse_eval_prompts(data_dir, tmp_path):

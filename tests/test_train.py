@@ -28,6 +28,19 @@ def encoded(backbone, data_dir, split, n=None):
     return encode_examples(backbone, data.load_sft("helpful", data_dir, split)[:n], 64)
 
 
+def loss_that_dies_at(call: int):
+    """lm_loss_fn that raises "killed" at its `call`-th training call: a process killed mid-run."""
+    calls = {"n": 0}
+
+    def dying_loss(model, batch):
+        calls["n"] += model.training
+        if calls["n"] == call:
+            raise RuntimeError("killed")
+        return lm_loss_fn(model, batch)
+
+    return dying_loss
+
+
 def test_prompt_and_padding_are_never_trained_on(tiny_backbone):
     backbone = load_backbone(str(tiny_backbone))
     tok = backbone.tokenizer
@@ -135,13 +148,7 @@ def test_train_expert_writes_a_peft_folder_and_leaves_nothing_half_written(tiny_
 
     # A run that dies mid-way leaves its checkpoint beside `out`, never a partial `out`.
     broken = tmp_path / "broken"
-    calls = {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += model.training
-        if calls["n"] == 3:
-            raise RuntimeError("killed")
-        return lm_loss_fn(model, batch)
+    dying_loss = loss_that_dies_at(3)
 
     monkeypatch.setattr("trinityx.experts.lm_loss_fn", dying_loss)
     cfg = ExpertConfig(out=broken, dimension="helpful", backbone=str(tiny_backbone), data_dir=str(data_dir),
@@ -164,13 +171,7 @@ def test_bad_training_settings_name_the_flag():
 def test_a_checkpoint_resumes_only_under_its_own_configuration(tiny_backbone, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "honest"
     settings = dict(max_steps=6, batch_size=4, micro_batch_size=4, checkpoint_every=2, eval_every=100)
-    calls = {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += model.training
-        if calls["n"] == 5:  # inside step 5, after the checkpoint of step 4
-            raise RuntimeError("killed")
-        return lm_loss_fn(model, batch)
+    dying_loss = loss_that_dies_at(5)  # inside step 5, after the checkpoint of step 4
 
     def config(**train):
         return ExpertConfig(out=out, dimension="honest", backbone=str(tiny_backbone), data_dir=str(data_dir),
@@ -202,13 +203,7 @@ def test_a_truncated_checkpoint_names_the_folder_to_delete(tiny_backbone, data_d
     out = tmp_path / "helpful"
     cfg = ExpertConfig(out=out, dimension="helpful", backbone=str(tiny_backbone), data_dir=str(data_dir),
                        train=TrainConfig(max_steps=3, batch_size=4, micro_batch_size=4, checkpoint_every=1))
-    calls = {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += model.training
-        if calls["n"] == 2:
-            raise RuntimeError("killed")
-        return lm_loss_fn(model, batch)
+    dying_loss = loss_that_dies_at(2)
 
     with monkeypatch.context() as m:
         m.setattr("trinityx.experts.lm_loss_fn", dying_loss)
