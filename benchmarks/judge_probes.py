@@ -6,6 +6,8 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     # harm: frozen SmolLM2 states of (chat prompt, response) at layers 6, 10, 15, 20; 3,500 training pairs
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-states --data-dir ../shared/data --out runs/judge_probes
     python benchmarks/judge_probes.py harm-probe --out runs/judge_probes
+    # harm: a saved judge's test metrics at the dev threshold of each rule (accuracy, balanced accuracy)
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
     # helpful: Bradley-Terry on length, MiniLM embeddings and similarity to the GPT-4 reference output
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py helpful-references --data-dir ../shared/data
 
@@ -90,6 +92,30 @@ def harm_probe(data_dir: str, out: Path) -> None:
                   f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
 
 
+def harm_thresholds(data_dir: str, folder: Path) -> None:
+    """Score dev and test once with a saved harm judge; report test metrics at each rule's dev threshold."""
+    from trinityx.judges import load_judge
+    from trinityx.judges.train import labelled_examples
+
+    judge = load_judge(folder)
+    scored = {}
+    for split in ("dev", "test"):
+        prompts, responses, labels = labelled_examples("harm", data_dir, split)
+        scored[split] = (np.array(judge.score(prompts, responses)), np.array(labels), prompts)
+    (p_dev, y_dev, _), (p, y, prompts) = scored["dev"], scored["test"]
+    unsafe_prompts = {q for q, label in zip(prompts, y) if label}
+    risky = np.array([q in unsafe_prompts for q in prompts])
+    rules = {"maximise accuracy (the recipe's)": judge.threshold,
+             "maximise balanced accuracy": max(np.unique(p_dev), key=lambda t: (balanced_accuracy(p_dev, y_dev, t),
+                                                                              -abs(t - 0.5)))}
+    print(f"AUROC {auroc(p, y):.3f}; majority {max(y.mean(), 1 - y.mean()):.3f}")
+    print("| dev threshold rule | threshold | accuracy | balanced | risky | confusion |")
+    for rule, t in rules.items():
+        m = confusion(p, y, t)
+        print(f"| {rule} | {t:.3f} | {accuracy(p, y, t):.3f} | {balanced_accuracy(p, y, t):.3f} | "
+              f"{accuracy(p[risky], y[risky], t):.3f} | [[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |")
+
+
 def helpful_references(data_dir: str, n_train: int) -> None:
     """Bradley-Terry scorers with and without features of the output's similarity to GPT-4's reference output."""
     from transformers import AutoModel, AutoTokenizer
@@ -140,7 +166,8 @@ def helpful_references(data_dir: str, n_train: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("harm-states", "harm-probe", "helpful-references"))
+    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "helpful-references"))
+    parser.add_argument("--judge", type=Path, help="harm-thresholds: a saved harm judge's folder")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
     parser.add_argument("--train-pairs", type=int, default=3500)
@@ -151,6 +178,8 @@ def main() -> None:
         harm_states(args.data_dir, args.out, args.train_pairs)
     elif args.what == "harm-probe":
         harm_probe(args.data_dir, args.out)
+    elif args.what == "harm-thresholds":
+        harm_thresholds(args.data_dir, args.judge)
     else:
         helpful_references(args.data_dir, args.train_judgements)
 
