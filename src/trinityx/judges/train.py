@@ -8,6 +8,7 @@ instructions) and reports on the `dev` judgements, whose instructions it never s
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -54,25 +55,27 @@ _FEATURE_HEAD = {"max_train": None, "max_eval": None, "batch_size": 32, "steps":
 _CROSS_ENCODER = {"architecture": "cross-encoder", "max_train": None, "max_eval": None, "epochs": 1, "batch_size": 16,
                   "lr": 1e-4}
 _PAIRWISE = {"architecture": "pairwise", "max_train": 1200, "max_eval": 1600, "max_length": 256}
+# Frozen MiniLM features and a small head: 43 minutes for all four on one loaded thread (docs/judges.md).
+_DEFAULT = {
+    # layers -3, -1: MiniLM's 4th and 6th (last) of its 6 layers (negative indices fit any depth).
+    "harm": {"architecture": "features", "layers": [-3, -1], "max_length": 256, "hidden": 0, "l2": 4e-4,
+             **_FEATURE_HEAD},
+    "truth": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
+    "info": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
+    "helpful": _PAIRWISE,
+}
 RECIPES = {
-    # Frozen MiniLM features and a small head: 43 minutes for all four on one loaded thread (docs/judges.md).
-    "default": {
-        # layers -3, -1: MiniLM's 4th and 6th (last) of its 6 layers (negative indices fit any depth).
-        "harm": {"architecture": "features", "layers": [-3, -1], "max_length": 256, "hidden": 0, "l2": 4e-4,
-                 **_FEATURE_HEAD},
-        "truth": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
-        "info": {"architecture": "features", "max_length": 64, "hidden": 64, "l2": 1e-3, **_FEATURE_HEAD},
-        "helpful": _PAIRWISE,
-    },
+    "default": _DEFAULT,
     # The harm judge on the embedded backbone's frozen states of (prompt, response): more accurate than MiniLM's
-    # and slower to train (docs/judges.md); truth, info and helpful as in `default`. The paper profiles use it.
+    # and slower to train (docs/judges.md); truth, info and helpful exactly as in `default` (the same judges,
+    # which `adopt_judges` copies instead of training them again). The paper profiles use it.
     "backbone": {
+        **_DEFAULT,
         # layers 15 and 20 of SmolLM2's 30; 6,000 training rows (of 12,448) keep the states to ~15 minutes of
         # one thread; L2 0.3 measured better than 0.08 and 0.02 on the same features (docs/judges.md).
         "harm": {"architecture": "backbone-features", "backbone": "smollm2-135m", "layers": [15, 20],
                  "max_prompt_tokens": 64, "max_length": 160, "hidden": 0, "l2": 0.3,
                  **_FEATURE_HEAD, "max_train": 6000, "batch_size": 16},
-        "truth": "default", "info": "default", "helpful": "default",
     },
     # MiniLM fine-tuned end to end (the judges before 2026-12): slower and, measured, not better.
     "finetune": {
@@ -82,11 +85,6 @@ RECIPES = {
         "helpful": _PAIRWISE,
     },
 }
-
-
-# A recipe may say that a judge is trained as another recipe trains it (the same settings, the same judge).
-for _recipe in RECIPES.values():
-    _recipe.update({kind: RECIPES[same][kind] for kind, same in _recipe.items() if isinstance(same, str)})
 
 
 def recipe_settings(recipe: str, kind: str, seed: int = 0, **overrides) -> dict:
@@ -124,8 +122,6 @@ def adopt_judges(folder, stale: dict[str, str], recipe: str, source, seed: int =
     """Copy from `source` into `folder` each stale judge that `source` holds with exactly `recipe`'s settings
     (a recipe that trains a kind as `default` does reuses the default judge instead of training it again).
     Returns the judges still to train, {kind: why}."""
-    import shutil
-
     folder, source = Path(folder), Path(source)
     if folder.resolve() == source.resolve():
         return stale
