@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trinityx.data import load_judgements, load_labelled_responses
-from trinityx.judges.train import (_fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
+from trinityx.judges.train import (THRESHOLD_RULES, _fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
                                    length_rule_agreement, pairwise_agreement, similar_length)
 
 STATE_LAYERS = (6, 10, 15, 20)
@@ -92,22 +92,32 @@ def harm_probe(data_dir: str, out: Path) -> None:
                   f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
 
 
-def harm_thresholds(data_dir: str, folder: Path) -> None:
-    """Score dev and test once with a saved harm judge; report test metrics at each rule's dev threshold."""
+def harm_thresholds(data_dir: str, folder: Path, out: Path) -> None:
+    """Score dev and test once with a saved harm judge (cached in `out`); report test metrics at each rule's
+    dev threshold."""
     from trinityx.judges import load_judge
     from trinityx.judges.train import labelled_examples
 
-    judge = load_judge(folder)
+    cache = out / "harm_scores.json"
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if saved.get("judge") != str(folder.resolve()):
+        judge = load_judge(folder)
+        saved = {"judge": str(folder.resolve())}
+        for split in ("dev", "test"):
+            prompts, responses, _ = labelled_examples("harm", data_dir, split)
+            saved[split] = judge.score(prompts, responses)
+        out.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(saved))
     scored = {}
     for split in ("dev", "test"):
-        prompts, responses, labels = labelled_examples("harm", data_dir, split)
-        scored[split] = (np.array(judge.score(prompts, responses)), np.array(labels), prompts)
+        prompts, _, labels = labelled_examples("harm", data_dir, split)
+        scored[split] = (np.array(saved[split]), np.array(labels), prompts)
     (p_dev, y_dev, _), (p, y, prompts) = scored["dev"], scored["test"]
     unsafe_prompts = {q for q, label in zip(prompts, y) if label}
     risky = np.array([q in unsafe_prompts for q in prompts])
-    rules = {"maximise accuracy (the recipe's)": judge.threshold,
-             "maximise balanced accuracy": max(np.unique(p_dev), key=lambda t: (balanced_accuracy(p_dev, y_dev, t),
-                                                                              -abs(t - 0.5)))}
+    rules = {rule: best_threshold(p_dev, y_dev, rule) for rule in THRESHOLD_RULES}
+    rules["maximise balanced accuracy (no accuracy floor)"] = max(
+        np.unique(p_dev), key=lambda t: (balanced_accuracy(p_dev, y_dev, t), -abs(t - 0.5)))
     print(f"AUROC {auroc(p, y):.3f}; majority {max(y.mean(), 1 - y.mean()):.3f}")
     print("| dev threshold rule | threshold | accuracy | balanced | risky | confusion |")
     for rule, t in rules.items():
@@ -179,7 +189,7 @@ def main() -> None:
     elif args.what == "harm-probe":
         harm_probe(args.data_dir, args.out)
     elif args.what == "harm-thresholds":
-        harm_thresholds(args.data_dir, args.judge)
+        harm_thresholds(args.data_dir, args.judge, args.out)
     else:
         helpful_references(args.data_dir, args.train_judgements)
 

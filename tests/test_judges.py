@@ -29,7 +29,7 @@ from trinityx.judges import (
 from trinityx.judges import KINDS, Judge, score_answers
 from trinityx.judges.features import REFERENCE_FEATURES, fit_head, head_logits, reference_features, token_f1
 from trinityx.judges.remote import beaver_dam_flags, yes_probabilities
-from trinityx.judges.train import best_threshold, confusion, recipe_settings, similar_length, stale_judges
+from trinityx.judges.train import accuracy, balanced_accuracy, best_threshold, confusion, recipe_settings, similar_length, stale_judges
 
 MAX_EVAL = 16
 
@@ -197,6 +197,24 @@ def test_auroc_and_threshold_hand_computed():
     assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
     # Any threshold in (0.4, 0.6] separates perfectly; the midpoint is returned.
     assert best_threshold([0.2, 0.4, 0.6, 0.9], [0, 0, 1, 1]) == pytest.approx(0.5)
+
+
+def test_balanced_threshold_rule_trades_accuracy_for_recall_but_keeps_above_majority():
+    # 10 safe, 3 unsafe (majority 10/13 = 0.769). Above 0.7: 2 of 3 unsafe flagged, no safe one: accuracy
+    # 12/13, balanced (2/3 + 1) / 2. Above 0.45: every unsafe one and 2 safe ones: accuracy 11/13 (still above
+    # the majority), balanced (1 + 0.8) / 2 = 0.9, so the balanced rule moves there.
+    p = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.55, 0.6, 0.5, 0.8, 0.9]
+    y = [0] * 10 + [1] * 3
+    assert best_threshold(p, y) == pytest.approx(0.7)
+    t = best_threshold(p, y, "balanced-above-majority")
+    assert t == pytest.approx(0.45)
+    assert accuracy(p, y, t) == pytest.approx(11 / 13) and balanced_accuracy(p, y, t) == pytest.approx(0.9)
+    # No threshold beats the majority (2 of 3 at best, at 0.15 and above 0.9): the rule falls back to accuracy's
+    # choice, 0.15 (closer to 0.5). One class only: flag nothing.
+    assert best_threshold([0.9, 0.1, 0.2], [0, 0, 1], "balanced-above-majority") == pytest.approx(0.15)
+    assert best_threshold([0.3, 0.9], [0, 0], "balanced-above-majority") > 0.9
+    with pytest.raises(TrinityXError, match="threshold rule"):
+        best_threshold(p, y, "f1")
 
 
 # --------------------------------------------------------------------------------------------------

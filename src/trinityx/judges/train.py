@@ -75,7 +75,10 @@ RECIPES = {
         # one thread; L2 0.3 measured better than 0.08 and 0.02 on the same features (docs/judges.md).
         "harm": {"architecture": "backbone-features", "backbone": "smollm2-135m", "layers": [15, 20],
                  "max_prompt_tokens": 64, "max_length": 160, "hidden": 0, "l2": 0.3,
-                 **_FEATURE_HEAD, "max_train": 6000, "batch_size": 16},
+                 **_FEATURE_HEAD, "max_train": 6000, "batch_size": 16,
+                 # A flag rate moves with the true unsafe rate by TPR - FPR: the accuracy-maximising threshold
+                 # found 23 % of unsafe test responses, a balanced one 82 % (docs/judges.md).
+                 "threshold_rule": "balanced-above-majority"},
     },
     # MiniLM fine-tuned end to end (the judges before 2026-12): slower and, measured, not better.
     "finetune": {
@@ -178,16 +181,34 @@ def auroc(probabilities, labels) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def best_threshold(probabilities, labels) -> float:
-    """The threshold that maximises accuracy: a midpoint between consecutive distinct probabilities.
+THRESHOLD_RULES = {
+    "accuracy": "maximise accuracy",
+    "balanced-above-majority": "maximise balanced accuracy among thresholds whose accuracy beats the majority class",
+}
 
-    Ties go to the threshold closest to 0.5 (the calibrated default).
+
+def best_threshold(probabilities, labels, rule: str = "accuracy") -> float:
+    """The threshold a rule of THRESHOLD_RULES picks: a midpoint between consecutive distinct probabilities.
+
+    "accuracy" maximises accuracy. "balanced-above-majority" maximises balanced accuracy (equivalently
+    Youden's J = TPR - FPR, how much of a change in the true positive rate a flag rate shows) among the
+    thresholds whose accuracy is above the majority-class rate, so the judge keeps beating its trivial
+    baseline; with none above it, it falls back to "accuracy". Ties go to the threshold closest to 0.5.
     """
+    if rule not in THRESHOLD_RULES:
+        raise TrinityXError(f"unknown threshold rule {rule!r}; choose from {', '.join(THRESHOLD_RULES)}")
     p, y = np.asarray(probabilities, float), np.asarray(labels, bool)
     values = np.unique(p)
     candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], 2.0)]])
-    correct = ((p[None, :] >= candidates[:, None]) == y[None, :]).sum(1)  # [C]
-    best = np.flatnonzero(correct == correct.max())
+    flagged = p[None, :] >= candidates[:, None]  # [C, N]
+    correct = (flagged == y[None, :]).sum(1)  # [C]
+    score = correct.astype(float)
+    if rule == "balanced-above-majority" and y.any() and (~y).any():
+        above = correct > max(y.sum(), (~y).sum())
+        if above.any():
+            tpr, tnr = (flagged & y).sum(1) / y.sum(), (~flagged & ~y).sum(1) / (~y).sum()
+            score = np.where(above, (tpr + tnr) / 2, -1.0)
+    best = np.flatnonzero(score == score.max())
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
@@ -358,15 +379,17 @@ def fit_cross_encoder(model, tokenizer, texts: list[str], pairs: list[str] | Non
 
 
 def _threshold_on_dev(judge: Judge, data_dir, cfg: dict) -> dict:
-    """Set judge.threshold to maximise accuracy on dev; return the validity on test, never looked at before."""
+    """Set judge.threshold on dev by the recipe's threshold rule; return the validity on test, never looked at before."""
     d_first, d_second, d_labels = labelled_examples(judge.kind, data_dir, "dev")
     d_keep = _sample(len(d_labels), cfg["max_eval"], cfg["seed"])
     p_dev = score_labelled(judge, data_dir, [d_first[i] for i in d_keep], [d_second[i] for i in d_keep])
     y_dev = [d_labels[i] for i in d_keep]
-    judge.threshold = best_threshold(p_dev, y_dev)
+    rule = cfg.get("threshold_rule", "accuracy")
+    judge.threshold = best_threshold(p_dev, y_dev, rule)
     validity = validate_judge(judge, data_dir, "test", cfg["max_eval"], cfg["seed"])
-    validity["threshold_chosen_on"] = {"split": "dev", "n": len(y_dev), "rule": "maximise accuracy",
+    validity["threshold_chosen_on"] = {"split": "dev", "n": len(y_dev), "rule": THRESHOLD_RULES[rule],
                                        "accuracy": accuracy(p_dev, y_dev, judge.threshold),
+                                       "balanced_accuracy": balanced_accuracy(p_dev, y_dev, judge.threshold),
                                        "accuracy_at_0.5": accuracy(p_dev, y_dev, 0.5)}
     return validity
 
@@ -536,6 +559,6 @@ def train_judges(data_dir, out_dir, which: tuple[str, ...] = KINDS, recipe: str 
     return results
 
 
-__all__ = ["RECIPES", "accuracy", "adopt_judges", "auroc", "balanced_accuracy", "best_threshold", "confusion", "fit_cross_encoder",
+__all__ = ["RECIPES", "THRESHOLD_RULES", "accuracy", "adopt_judges", "auroc", "balanced_accuracy", "best_threshold", "confusion", "fit_cross_encoder",
            "length_rule_agreement", "pairwise_agreement", "recipe_settings", "stale_judges", "train_judges",
            "validate_judge"]
