@@ -36,6 +36,10 @@ def fake_judges():
 def fakes(monkeypatch, tmp_path):
     judges = fake_judges()
 
+    for kind, j in judges.items():  # the folder the stage reports, as train-judges leaves it
+        (tmp_path / "judges" / kind).mkdir(parents=True)
+        (tmp_path / "judges" / kind / "judge.json").write_text(json.dumps({"name": j.name, "threshold": j.threshold}))
+
     def stage_judges(run, data_dir):
         return {"folder": str(tmp_path / "judges"), "trained_now": [],
                 "judges": {k: {"name": j.name, "threshold": j.threshold, "validity": j.validity}
@@ -118,6 +122,35 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     printed = capsys.readouterr().out
     assert "report.html is missing: running it again" in printed and "[report] running" in printed
     assert (out / "report.html").is_file() and printed.count("skipped") == len(pipeline.STAGES) - 1
+
+    # Fewer items per axis: every system is evaluated again from its cached answers, then the report.
+    main(["run", "--config", str(config), "--out", str(out), "--eval-limit", "2"])
+    printed = capsys.readouterr().out
+    assert "trinityx.json is out of date (limit 3 -> 2)" in printed and "[evaluate] running" in printed
+    assert "[report] running" in printed and "[bench] finished earlier" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["systems"]["trinityx"]["helpful"]["n"] == results["systems"]["base"]["helpful"]["n"] == 2
+
+    # A judge retrained since the judges stage ran (another threshold in its judge.json): the stage runs again.
+    meta = json.loads((tmp_path / "judges" / "harm" / "judge.json").read_text())
+    (tmp_path / "judges" / "harm" / "judge.json").write_text(json.dumps({**meta, "threshold": 0.4}))
+    main(["run", "--config", str(config), "--out", str(out), "--eval-limit", "2", "--until", "judges"])
+    assert "harm/judge.json changed since the stage ran" in capsys.readouterr().out
+
+
+def test_an_evaluation_judged_by_another_judge_is_out_of_date(tmp_path):
+    run = pipeline.Run(pipeline.PipelineConfig(out=tmp_path / "run", eval_limit=5, max_new_tokens=8, answer_tokens=4))
+    run.state["judges"] = {"info": {"judges": {"harm": {"name": "harm-b", "threshold": 0.33}}}}
+    result = {"finished": "x", "config": {"limit": 5, "mc_limit": None, "seed": 0,
+                                          "helpful_harmless_generation": {"max_new_tokens": 8},
+                                          "honest_generation": {"max_new_tokens": 4}},
+              "axes": {"harmless": {"judges": {"harm": {"name": "harm-b", "threshold": 0.33}}}}}
+    assert pipeline._evaluation_changes(result, run) == []
+    result["axes"]["harmless"]["judges"]["harm"]["threshold"] = 0.6
+    result["config"]["honest_generation"]["max_new_tokens"] = 50
+    assert pipeline._evaluation_changes(result, run) == [
+        "answer_tokens 50 -> 4", "harmless was judged by harm-b at threshold 0.6, the run's harm judge is now "
+        "harm-b at 0.33"]
 
 
 def test_stage_state_is_the_outputs_not_only_stages_json(tiny_backbone, data_dir, tmp_path, monkeypatch, capsys):

@@ -156,6 +156,14 @@ class Run:
         missing = [p for p in STAGE_OUTPUTS.get(stage, lambda run: [])(self) if not p.is_file()]
         if stage in self.state and missing:
             print(f"[{stage}] recorded as finished, but {missing[0]} is missing: running it again")
+        if stage == "judges" and stage in self.state:
+            # A judge retrained since (train-judges): the stage records the judges the folder holds now.
+            missing = _judges_changed(self.state[stage]["info"])
+            if missing:
+                print(f"[judges] {missing[0]} changed since the stage ran: loading the judges again")
+        if stage == "evaluate" and stage in self.state and not missing:
+            # A changed eval_limit, answer length or judge: the systems it concerns are evaluated again.
+            missing = [f for f in STAGE_OUTPUTS[stage](self) if not _evaluated(f, self)]
         return stage in self.state and not missing
 
     def finish(self, stage: str, seconds: float, **info) -> None:
@@ -345,6 +353,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         start = time.perf_counter()
         info = STAGE_FUNCTIONS[stage](run, data_dir)
         seconds = time.perf_counter() - start
+        if stage != "report":
+            run.state.pop("report", None)  # the report summarises every stage: redone after any of them ran
         run.finish(stage, seconds, info=to_jsonable(info))
         print(f"[{stage}] done in {seconds:.0f} s")
         if stage == cfg.until:
@@ -371,6 +381,19 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
             "judges": {k: {"name": j.name, "threshold": j.threshold, "validity": j.validity} for k, j in judges.items()}}
 
 
+def _judges_changed(recorded: dict) -> list[Path]:
+    """The judge.json files of the judges stage's folder whose judge differs (name, threshold) from the recorded one."""
+    from trinityx.judges.local import JUDGE_FILE
+
+    changed = []
+    for kind, judge in recorded["judges"].items():
+        path = Path(recorded["folder"]) / kind / JUDGE_FILE
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+        if (meta.get("name"), meta.get("threshold")) != (judge["name"], judge["threshold"]):
+            changed.append(path)
+    return changed
+
+
 RUN_JUDGES = ("helpful", "harm", "truth", "info")
 """The judges a run trains (when missing or stale) and loads, in this order: every kind of trinityx.judges.KINDS."""
 
@@ -392,7 +415,7 @@ def stage_evaluate(run: Run, data_dir: Path) -> dict:
     split between them); each writes its log to RUN/eval/logs/SYSTEM.log and the parent shows one bar."""
     cfg = run.cfg
     judges_dir = run.state["judges"]["info"]["folder"]
-    todo = [spec for spec in cfg.systems if not _evaluated(eval_file(run.dir, spec))]
+    todo = [spec for spec in cfg.systems if not _evaluated(eval_file(run.dir, spec), run, say=True)]
     if cfg.eval_workers <= 1 or len(todo) <= 1:
         backbone = run.backbone()
         seconds = {spec: evaluate_system(cfg, run.dir, spec, judges_dir, data_dir, backbone) for spec in todo}
@@ -401,8 +424,38 @@ def stage_evaluate(run: Run, data_dir: Path) -> dict:
     return {"seconds": seconds, "workers": min(cfg.eval_workers, max(len(todo), 1))}
 
 
-def _evaluated(out: Path) -> bool:
-    return out.is_file() and "finished" in json.loads(out.read_text())
+def _evaluated(out: Path, run: Run, say: bool = False) -> bool:
+    """The system's evaluation finished with the run's current items, answer lengths, seed and judges (a
+    changed eval_limit or a retrained judge makes it run again: its answers are cached, only new items are
+    generated). `say` prints why a finished one is out of date."""
+    if not out.is_file():
+        return False
+    result = json.loads(out.read_text())
+    if "finished" not in result:
+        return False
+    why = _evaluation_changes(result, run)
+    if why and say:
+        print(f"[evaluate] {out.name} is out of date ({'; '.join(why)}): evaluating it again, reusing cached answers")
+    return not why
+
+
+def _evaluation_changes(result: dict, run: Run) -> list[str]:
+    """How a finished evaluation file differs from what the run asks for now ([] = up to date)."""
+    cfg, recorded = run.cfg, result.get("config", {})
+    wanted = {"limit": cfg.eval_limit, "mc_limit": cfg.eval_mc_limit, "seed": cfg.seed,
+              "max_new_tokens": cfg.max_new_tokens, "answer_tokens": cfg.answer_tokens}
+    found = {"limit": recorded.get("limit"), "mc_limit": recorded.get("mc_limit"), "seed": recorded.get("seed"),
+             "max_new_tokens": (recorded.get("helpful_harmless_generation") or {}).get("max_new_tokens"),
+             "answer_tokens": (recorded.get("honest_generation") or {}).get("max_new_tokens")}
+    why = [f"{k} {found[k]} -> {wanted[k]}" for k in wanted if found[k] != wanted[k]]
+    judges = (run.state.get("judges") or {}).get("info", {}).get("judges", {})
+    for axis, part in result.get("axes", {}).items():
+        for kind, used in (part.get("judges") or {}).items():
+            now = judges.get(kind)
+            if now and (used.get("name"), used.get("threshold")) != (now["name"], now["threshold"]):
+                why.append(f"{axis} was judged by {used.get('name')} at threshold {used.get('threshold')}, "
+                           f"the run's {kind} judge is now {now['name']} at {now['threshold']}")
+    return why
 
 
 def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, data_dir: Path, backbone) -> float:
@@ -619,7 +672,7 @@ def paired_results(run: Run) -> dict:
     """{a: {b: {metric: paired difference a - b}}} for `paired_pairs` of the evaluated systems."""
     from trinityx.evaluate import item_values, paired_comparison
 
-    evaluated = [s for s in run.cfg.systems if _evaluated(eval_file(run.dir, s))]
+    evaluated = [s for s in run.cfg.systems if _evaluated(eval_file(run.dir, s), run)]
     values = {s: item_values(eval_file(run.dir, s)) for s in evaluated}
     out: dict = {}
     for a, b in paired_pairs(evaluated):
