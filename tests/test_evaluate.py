@@ -14,7 +14,7 @@ from trinityx import data
 from trinityx.backbones import format_prompt, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.evaluate import AXES, EvaluateConfig, Shard, evaluate, mc_scores, merge_shards, qa_prompt
-from trinityx.generation import GenerationSettings, cache_path, encode_pair, generate_batch
+from trinityx.generation import GenerationSettings, cache_path, encode_pair, generate, generate_batch
 from trinityx.judges import Judge
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.systems import load_system
@@ -140,6 +140,28 @@ def test_stop_strings_cut_the_answer(run, backbone):
     stop = full[3:5]
     cut = generate_batch(s, [text], GenerationSettings(max_new_tokens=12, stop=(stop,)))[0]
     assert cut == full.split(stop, 1)[0].strip()
+
+
+def test_answers_that_run_out_of_tokens_are_marked_cut_and_cached_so(run, backbone, tmp_path, monkeypatch):
+    s = load_system("base", run, backbone)
+    tok = s.tokenizer
+    end, pad = tok.eos_token_id, tok.pad_token_id
+    a, b, c = tok(" apple banana cherry", add_special_tokens=False).input_ids[:3]
+    # Three new tokens each: ends on its last token (finished), ends early then padding (finished), never ends.
+    new = torch.tensor([[a, b, end], [a, end, pad], [a, b, c]])
+
+    def fixed(input_ids, attention_mask, gates=None, **kwargs):
+        return torch.cat([input_ids, new[:len(input_ids)]], 1)
+
+    monkeypatch.setattr(s, "generate_ids", fixed)
+    settings = GenerationSettings(max_new_tokens=3, batch_size=3)
+    answers = generate(s, PROMPTS[:3], settings, tmp_path / "cache")
+    assert answers.cut == [False, False, True]
+    assert generate(s, PROMPTS[:3], settings, tmp_path / "cache").cut == [False, False, True]  # from the cache
+    # A stop string met is an end: the same tokens are not cut. A larger budget than used: not cut.
+    stop = tok.decode([c]).strip()
+    assert generate(s, PROMPTS[:3], GenerationSettings(max_new_tokens=3, stop=(stop,)), tmp_path / "c2").cut[2] is False
+    assert generate(s, PROMPTS[:3], GenerationSettings(max_new_tokens=4), tmp_path / "c3").cut[2] is False
 
 
 def test_generation_cache_rerun_calls_the_model_zero_times(run, backbone, tmp_path, monkeypatch):

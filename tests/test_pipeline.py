@@ -94,6 +94,9 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     assert {name: r["n"] for name, r in every.items()} == {"alpaca_eval": 10, "beavertails": 28, "truthfulqa": 12}
     assert all(sum(r["argmax_counts"].values()) == r["n"] for r in every.values())
     assert "Every item of" in (out / "report.md").read_text()
+    # Four new tokens: how many answers ran out of them is known for every axis and in the report.
+    assert all(0 <= row[axis]["cut_at_token_limit"] <= 100 for axis in ("helpful", "harmless", "honest"))
+    assert "## Answers cut at the token limit" in (out / "report.md").read_text()
     oracle = json.loads(pipeline.eval_file(out, "trinityx:oracle").read_text())["axes"]
     assert all(oracle[axis]["routing"]["accuracy"] == 1.0 for axis in ("helpful", "harmless", "honest"))
     # The router trained on cached states of the routing data (no evaluation item among them).

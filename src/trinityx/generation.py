@@ -76,6 +76,16 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
+class Answers(list):
+    """Answers (a list of str) that also say which ones ran out of tokens: `cut[i]` is True when answer i used
+    all of max_new_tokens with no end of sequence and no stop string, so it may end mid-sentence (None: not
+    known, for an answer cached before this was recorded, or from the vllm backend)."""
+
+    def __init__(self, answers, cut):
+        super().__init__(answers)
+        self.cut = list(cut)
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """The text before the first stop string, stripped."""
     for s in stop:
@@ -92,6 +102,7 @@ class GenerationCache:
     def __init__(self, path: Path):
         self.path = path
         self.outputs: dict[str, str] = {}
+        self.cut: dict[str, bool | None] = {}  # did the answer run out of tokens (None: not recorded)
         if path.is_file():
             for line in path.read_bytes().splitlines():
                 try:
@@ -99,6 +110,7 @@ class GenerationCache:
                 except ValueError:  # not UTF-8 or not JSON
                     continue  # a line cut by a killed run, maybe inside a character: regenerated
                 self.outputs[row["key"]] = row["output"]
+                self.cut[row["key"]] = row.get("cut")
 
     def append(self, rows: list[dict]) -> None:
         """Append rows in one write, then fsync: a batch is either all on disk or (a cut last line) ignored."""
@@ -116,6 +128,7 @@ class GenerationCache:
             os.fsync(f.fileno())
         for row in rows:
             self.outputs[row["key"]] = row["output"]
+            self.cut[row["key"]] = row.get("cut")
 
 
 def cache_path(system, cache_dir: str | Path | None) -> Path:
@@ -136,8 +149,9 @@ VLLM_CHUNK = 256  # prompts per vLLM call: it batches them itself; each finished
 
 
 @torch.inference_mode()
-def generate_batch(system, texts: list[str], settings: GenerationSettings, gates: torch.Tensor | None = None) -> list[str]:
-    """Answers to already formatted prompts, as one left-padded batch (or one vLLM call).
+def generate_batch(system, texts: list[str], settings: GenerationSettings, gates: torch.Tensor | None = None) -> Answers:
+    """Answers to already formatted prompts, as one left-padded batch (or one vLLM call), with which ones ran
+    out of tokens (`Answers.cut`).
 
     `gates` [B, K]: sequence gates the caller routed (from each item's request); None lets the system route
     the prompt it is given."""
@@ -146,7 +160,8 @@ def generate_batch(system, texts: list[str], settings: GenerationSettings, gates
         from trinityx import vllm_backend
 
         ids = tokenizer(texts, add_special_tokens=settings.raw).input_ids
-        return [cut_at_stop(a, settings.stop) for a in vllm_backend.generate(system, ids, settings, gates)]
+        answers = vllm_backend.generate(system, ids, settings, gates)
+        return Answers([cut_at_stop(a, settings.stop) for a in answers], [None] * len(answers))
     # A chat template writes its own special tokens; a raw prompt gets the tokenizer's (lm-eval's tok_encode).
     batch = tokenizer(texts, add_special_tokens=settings.raw, padding=True, padding_side="left",
                       return_tensors="pt").to(system.backbone.model.device)
@@ -161,14 +176,20 @@ def generate_batch(system, texts: list[str], settings: GenerationSettings, gates
     if settings.stop:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, settings.stop, prompt_length)])
     out = system.generate_ids(batch.input_ids, batch.attention_mask, gates=gates, **kwargs)  # [B, T + new]
-    answers = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
-    return [cut_at_stop(a, settings.stop) for a in answers]
+    new = out[:, prompt_length:]  # [B, new]; a row that ended early is padded after its end token
+    answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+    ends = system.backbone.model.generation_config.eos_token_id
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(ends if isinstance(ends, list) else [ends])} - {None}
+    cut = [new.shape[1] >= settings.max_new_tokens and int(row[-1]) not in ends and not any(s in a for s in settings.stop)
+           for row, a in zip(new, answers)]
+    return Answers([cut_at_stop(a, settings.stop) for a in answers], cut)
 
 
 def generate(system, prompts: list[str], settings: GenerationSettings | None = None,
              cache_dir: str | Path | None = None, desc: str | None = None,
-             gates: torch.Tensor | None = None) -> list[str]:
-    """Answers to prompts (written in the backbone's prompt format unless settings.raw), cached on disk.
+             gates: torch.Tensor | None = None) -> Answers:
+    """Answers to prompts (written in the backbone's prompt format unless settings.raw), cached on disk, with
+    which ones ran out of tokens (`Answers.cut`, cached with them).
 
     `gates` [N, K], one row per prompt: sequence gates routed by the caller from each item's request (the
     evaluation routes a TruthfulQA question by the question, not by the few-shot primer it answers after);
@@ -194,9 +215,10 @@ def generate(system, prompts: list[str], settings: GenerationSettings | None = N
             chunk = todo[start:start + step]
             answers = generate_batch(system, [texts[i] for i in chunk], settings,
                                      None if gates is None else gates[chunk])
-            cache.append([{"key": keys[i], "prompt": prompts[i], "output": a} for i, a in zip(chunk, answers)])
+            cache.append([{"key": keys[i], "prompt": prompts[i], "output": a, "cut": c}
+                          for i, a, c in zip(chunk, answers, answers.cut)])
             progress.update(len(chunk))
-    return [cache.outputs[k] for k in keys]
+    return Answers([cache.outputs[k] for k in keys], [cache.cut[k] for k in keys])
 
 
 # --------------------------------------------------------------------------------------------------

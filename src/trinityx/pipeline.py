@@ -583,11 +583,13 @@ def collect_results(run: Run) -> dict:
             m = axes["helpful"]["metrics"]
             row["helpful"] = {"win_rate": m["win_rate"], "lc_win_rate": m["lc_win_rate"], "ci95": m["win_rate_ci"],
                               "lc_win_rate_ci95": m["lc_win_rate_ci"], "n": m["n"],
+                              "cut_at_token_limit": m.get("cut_at_token_limit"),
                               "reference": axes["helpful"]["data"]["reference"], "split": "alpaca_eval eval"}
         if "harmless" in axes:
             m = axes["harmless"]["metrics"]
             row["harmless"] = {"unsafe_rate": m["unsafe_rate"], "safety_score": m["safety_score"],
                                "ci95": m["safety_score_ci"], "unsafe_rate_ci95": m["unsafe_rate_ci"], "n": m["n"],
+                               "cut_at_token_limit": m.get("cut_at_token_limit"),
                                "split": "beavertails-evaluation"}
         if "honest" in axes:
             m = axes["honest"]["metrics"]
@@ -596,7 +598,8 @@ def collect_results(run: Run) -> dict:
                              "truthful_ci95": m["truthful_rate_ci"], "informative_ci95": m["informative_rate_ci"],
                              "truth_x_info": m["truthful_informative_rate"],
                              "truth_x_info_ci95": m["truthful_informative_rate_ci"], "n": m["n_mc"],
-                             "n_generated": m["n"], "split": "truthfulqa test"}
+                             "n_generated": m["n"], "cut_at_token_limit": m.get("cut_at_token_limit"),
+                             "split": "truthfulqa test"}
         if spec in bench:
             row["efficiency"] = bench[spec]
         systems[spec] = row

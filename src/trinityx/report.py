@@ -807,6 +807,21 @@ def figure_blocks(figures: dict) -> list:
     return blocks
 
 
+def cut_blocks(results: dict) -> list:
+    """The share of each system's answers that ran out of tokens: a high one means answers end mid-sentence."""
+    systems = [s for s in ordered(results.get("systems") or {})
+               if any(entry(results, s, a).get("cut_at_token_limit") is not None for a in ("helpful", "harmless", "honest"))]
+    if not systems:
+        return []
+    rows = [[code(s), *[fmt_rate(entry(results, s, a).get("cut_at_token_limit")) for a in ("helpful", "harmless", "honest")]]
+            for s in systems]
+    note = ("% of each system's generated answers that used every new token without an end of sequence (or, for "
+            "TruthfulQA, a stop string): they may end mid-sentence, and a judge sees them cut. " +
+            str((results.get("provenance") or {}).get("generation", "")) + ".")
+    return [("h", 2, "Answers cut at the token limit")] + table_block(
+        ["System", "AlpacaEval", "BeaverTails", "TruthfulQA"], rows, note, align="lrrr")
+
+
 def judge_blocks(results: dict) -> list:
     judges = results.get("judges") or {}
     rows = []
@@ -854,7 +869,7 @@ def build_document(results: dict, run: Path, figures: dict) -> list:
     return [*header_blocks(results), *main_blocks(results), *gains_blocks(results), *figure_blocks(figures),
             *paired_blocks(results), *ablation_blocks(results), *efficiency_blocks(results),
             *router_blocks(results, run),
-            *routing_blocks(results, figures), *judge_blocks(results), *provenance_blocks(results)]
+            *routing_blocks(results, figures), *cut_blocks(results), *judge_blocks(results), *provenance_blocks(results)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -142,9 +142,10 @@ class System:
     # --- what evaluation calls -------------------------------------------------------------------------
 
     def generate(self, prompts: list[str], settings=None, cache_dir: str | Path | None = None,
-                 gates: Tensor | None = None) -> list[str]:
-        """Greedy (by default) answers, prompts in the backbone's prompt format (unless settings.raw), cached;
-        `gates` [N, K] from `request_gates` (None: the system routes each prompt as given)."""
+                 gates: Tensor | None = None):
+        """Greedy (by default) answers (`generation.Answers`: a list of str with `.cut`), prompts in the
+        backbone's prompt format (unless settings.raw), cached; `gates` [N, K] from `request_gates` (None: the
+        system routes each prompt as given)."""
         from trinityx.generation import GenerationSettings, generate
 
         return generate(self, prompts, settings or GenerationSettings(), cache_dir, gates=gates)
