@@ -174,9 +174,57 @@ def helpful_references(data_dir: str, n_train: int) -> None:
                   f"{pairwise_agreement([p[k] for k in similar], [prefs[k] for k in similar]):.3f} (n {len(similar)})")
 
 
+def text_statistics(output: str) -> list[float]:
+    """Cheap surface statistics of an answer beyond its length: structure, repetition, completeness, register."""
+    lines = [line.strip() for line in output.split("\n") if line.strip()]
+    words = output.split()
+    bigrams = list(zip(words, words[1:]))
+    return [math.log1p(len(output)), math.log1p(len(lines)),
+            math.log1p(sum(line[:2] in ("- ", "* ") or line[:1].isdigit() and line[1:3] in (". ", ") ")
+                           for line in lines)),  # list items
+            math.log1p(sum(line.startswith("#") or line.endswith(":") for line in lines)),  # headings
+            float("```" in output),
+            len(set(bigrams)) / max(len(bigrams), 1),  # distinct bigrams: 1 = no repetition
+            max((lines.count(line) for line in lines), default=0) > 1,  # a repeated line
+            float(output.rstrip()[-1:] in ".!?)\"`'*"),  # ends like a finished sentence
+            sum(not c.isascii() for c in output) / max(len(output), 1),
+            float(any(cue in output.lower() for cue in ("as an ai", "i'm sorry", "i cannot", "i can't"))),
+            float(np.mean([len(w) for w in words])) if words else 0.0,
+            math.log1p(output.count(". ") + output.count(".\n")),  # sentences
+            sum(c.isdigit() for c in output) / max(len(output), 1),
+            math.log1p(output.count("**"))]
+
+
+def helpful_text(data_dir: str) -> None:
+    """Bradley-Terry scorers on the length alone and on text statistics: does anything cheap beat the length rule?"""
+    train, dev = load_judgements(data_dir, "train"), load_judgements(data_dir, "dev")
+    dev = [dev[i] for i in _sample(len(dev), 1600, 0)]  # the judge's validity sample
+
+    def delta(rows, columns):  # phi(b) - phi(a): [N, F]
+        return torch.tensor([[b - a for a, b in zip(np.array(text_statistics(r.output_1))[columns],
+                                                    np.array(text_statistics(r.output_2))[columns])] for r in rows],
+                            dtype=torch.float32)
+
+    prefs = [r.preference for r in dev]
+    similar = [k for k, r in enumerate(dev) if similar_length(r.output_1, r.output_2) and r.preference != 1.5]
+    rule = length_rule_agreement([r.output_1 for r in dev], [r.output_2 for r in dev], prefs)
+    rule_similar = length_rule_agreement([dev[k].output_1 for k in similar], [dev[k].output_2 for k in similar],
+                                         [prefs[k] for k in similar])
+    print(f"train {len(train)}, dev {len(dev)}; length rule {rule:.3f}, similar length {rule_similar:.3f} (n {len(similar)})")
+    targets = torch.tensor([r.preference - 1 for r in train])
+    for name, columns in (("log chars", [0]), ("log chars + log lines", [0, 1]), ("every statistic", list(range(14)))):
+        x, x_dev = delta(train, columns), delta(dev, columns)
+        scale = x.std(0) + 1e-6
+        for l2 in (1e-4, 1e-2):
+            p = torch.sigmoid((x_dev / scale) @ _fit_scorer(x / scale, targets, l2)).tolist()
+            print(f"| {name} | {l2} | {pairwise_agreement(p, prefs):.3f} | "
+                  f"{pairwise_agreement([p[k] for k in similar], [prefs[k] for k in similar]):.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "helpful-references"))
+    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "helpful-references",
+                                             "helpful-text"))
     parser.add_argument("--judge", type=Path, help="harm-thresholds: a saved harm judge's folder")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
@@ -190,6 +238,8 @@ def main() -> None:
         harm_probe(args.data_dir, args.out)
     elif args.what == "harm-thresholds":
         harm_thresholds(args.data_dir, args.judge, args.out)
+    elif args.what == "helpful-text":
+        helpful_text(args.data_dir)
     else:
         helpful_references(args.data_dir, args.train_judgements)
 
