@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -210,8 +211,10 @@ def fit(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loss_fn: 
     if (work_dir / "checkpoint").is_dir():
         start_step, history = _load_checkpoint(work_dir, params, optimizer, identity)
         accelerator.print(f"resuming {desc} from step {start_step}")
-    for _ in range(start_step):
-        scheduler.step()
+    with warnings.catch_warnings():  # fast-forwarding the schedule on resume is not a misordered step
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in range(start_step):
+            scheduler.step()
 
     mine = dev[rank::world]  # every process evaluates its share of the dev examples (possibly none)
     dev_batches = [collate(mine[i:i + cfg.micro_batch_size], pad_id) for i in range(0, len(mine), cfg.micro_batch_size)]
