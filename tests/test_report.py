@@ -88,7 +88,7 @@ def test_missing_system_axis_and_sections_render_a_dash(tmp_path):
         del results["systems"]["merge:linear"]
         del results["systems"]["trinityx"]["honest"]
         del results["judges"]["truth"]
-        for key in ("router", "routing", "stage_seconds", "relative_to_base"):
+        for key in ("router", "routing", "stage_seconds"):
             del results[key]
 
     md_path, html_path = render_report(make_run(tmp_path / "run", edit))

@@ -21,7 +21,6 @@ from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
 from trinityx.io import write_json
-from trinityx.metrics import relative_gain
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
@@ -617,16 +616,6 @@ def collect_results(run: Run) -> dict:
               "evaluation_sets": calibration.get("evaluation_sets", {}),
               "reliability_before_png": "mocae/reliability_before.png",
               "reliability_after_png": "mocae/reliability_after.png"}
-    base = systems.get("base", {})
-    relative = {}
-    for name, row in systems.items():
-        if name == "base" or "helpful" not in row:
-            continue
-        relative[name] = {
-            "win_rate": relative_gain(row["helpful"]["win_rate"], base.get("helpful", {}).get("win_rate")),
-            "safety_score": relative_gain(row["harmless"]["safety_score"], base.get("harmless", {}).get("safety_score")),
-            "truth_x_info": relative_gain(row["honest"]["truth_x_info"], base.get("honest", {}).get("truth_x_info")),
-        }
     routing, routing_accuracy = {}, {}
     if eval_file(run.dir, "trinityx").is_file():  # how trinityx routed each evaluation set's items
         for axis, record in json.loads(eval_file(run.dir, "trinityx").read_text())["axes"].items():
@@ -641,7 +630,6 @@ def collect_results(run: Run) -> dict:
         "judges": judges, "systems": systems, "router": router,
         "routing": routing, "routing_accuracy": routing_accuracy,
         "paired": paired_results(run),
-        "relative_to_base": relative,
         "gamma": json.loads((run.dir / "gamma.json").read_text()),
         "provenance": {
             "helpful": f"AlpacaEval eval split (alpaca_eval/split.json), first {cfg.eval_limit} prompts, vs the "
