@@ -451,7 +451,8 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
     for i in mine["mc2"]:
         assert mine["mc2"][i] == pytest.approx(theirs["mc2"][i], abs=1e-4)
     same = paired_comparison(mine, theirs, seed=0, n_boot=50)
-    assert set(same) == {"mc1", "mc2", "truthful", "informative", "truth_x_info"}  # the axes both have
+    # the axes both have
+    assert set(same) == {"mc1", "mc2", "truthful_rate", "informative_rate", "truthful_informative_rate"}
     assert same["mc2"]["verdict"] == "tie" and abs(same["mc2"]["difference"]) < 1e-3
     against = paired_comparison(item_values(out), mine, seed=0, n_boot=50)
     assert against["win_rate"]["n"] == 3 and len(against["lc_win_rate"]["ci95"]) == 2

@@ -97,6 +97,10 @@ router_train: {{max_steps: 3, batch_size: 6, micro_batch_size: 6, eval_every: 3,
     # Four new tokens: how many answers ran out of them is known for every axis and in the report.
     assert all(0 <= row[axis]["cut_at_token_limit"] <= 100 for axis in ("helpful", "harmless", "honest"))
     assert "## Answers cut at the token limit" in (out / "report.md").read_text()
+    # Each axis of results.json is the evaluation file's metrics under their own names, plus where the items are.
+    evaluated = json.loads(pipeline.eval_file(out, "trinityx").read_text())["axes"]
+    for axis, record in evaluated.items():
+        assert {k: row[axis][k] for k in record["metrics"]} == record["metrics"] and "split" in row[axis]
     oracle = json.loads(pipeline.eval_file(out, "trinityx:oracle").read_text())["axes"]
     assert all(oracle[axis]["routing"]["accuracy"] == 1.0 for axis in ("helpful", "harmless", "honest"))
     # The router trained on cached states of the routing data (no evaluation item among them).

@@ -88,7 +88,7 @@ def test_missing_system_axis_and_sections_render_a_dash(tmp_path):
         del results["systems"]["merge:linear"]
         del results["systems"]["trinityx"]["honest"]
         del results["judges"]["truth"]
-        for key in ("router", "routing", "stage_seconds", "relative_to_base"):
+        for key in ("router", "routing", "stage_seconds"):
             del results[key]
 
     md_path, html_path = render_report(make_run(tmp_path / "run", edit))
@@ -114,7 +114,7 @@ def test_compare_calls_differences_inside_the_intervals_ties():
 
 def test_axis_sentence_on_a_hand_built_case():
     def system(win, lo, hi):
-        return {"helpful": {"win_rate": win, "ci95": [lo, hi]}}
+        return {"helpful": {"win_rate": win, "win_rate_ci": [lo, hi]}}
 
     results = {"systems": {"trinityx": system(60, 55, 65), "base": system(58, 53, 63),
                            "merge:ties": system(40, 35, 45), "datamix": system(30, 25, 35)}}

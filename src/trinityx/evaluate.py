@@ -622,12 +622,13 @@ def print_summary(result: dict, out) -> None:
 # --------------------------------------------------------------------------------------------------
 # Paired comparisons: two systems on the same items
 
-# metric -> (axis, records key): the per-item values behind each number of the results table.
+# metric (named as in an axis' `metrics`) -> (axis, records key): the per-item values behind each number of the
+# results table.
 PAIRED_METRICS = {"win_rate": ("helpful", "records"), "lc_win_rate": ("helpful", "records"),
                   "safety_score": ("harmless", "records"), "unsafe_rate": ("harmless", "records"),
                   "mc1": ("honest", "mc_records"), "mc2": ("honest", "mc_records"),
-                  "truthful": ("honest", "records"), "informative": ("honest", "records"),
-                  "truth_x_info": ("honest", "records")}
+                  "truthful_rate": ("honest", "records"), "informative_rate": ("honest", "records"),
+                  "truthful_informative_rate": ("honest", "records")}
 
 
 def item_values(path: str | Path) -> dict[str, dict[int, object]]:
@@ -655,9 +656,10 @@ def item_values(path: str | Path) -> dict[str, dict[int, object]]:
             values["mc2"] = {r["index"]: 100.0 * r["mc2"] for r in side["mc_records"]}
             t_truth, t_info = record["judges"]["truth"]["threshold"], record["judges"]["info"]["threshold"]
             ok = [r for r in side["records"] if r["p_true"] is not None and r["p_info"] is not None]
-            values["truthful"] = {r["index"]: 100.0 * (r["p_true"] >= t_truth) for r in ok}
-            values["informative"] = {r["index"]: 100.0 * (r["p_info"] >= t_info) for r in ok}
-            values["truth_x_info"] = {r["index"]: values["truthful"][r["index"]] * (r["p_info"] >= t_info) for r in ok}
+            values["truthful_rate"] = {r["index"]: 100.0 * (r["p_true"] >= t_truth) for r in ok}
+            values["informative_rate"] = {r["index"]: 100.0 * (r["p_info"] >= t_info) for r in ok}
+            values["truthful_informative_rate"] = {
+                r["index"]: values["truthful_rate"][r["index"]] * (r["p_info"] >= t_info) for r in ok}
     return values
 
 

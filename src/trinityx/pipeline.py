@@ -21,7 +21,6 @@ from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
 from trinityx.io import write_json
-from trinityx.metrics import relative_gain
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
@@ -539,8 +538,18 @@ def stage_bench(run: Run, data_dir: Path) -> dict:
     return {"systems": list(result["systems"])}
 
 
+# The items of each axis, as results.json names them (`systems.*.AXIS.split`).
+AXIS_SPLITS = {"helpful": "alpaca_eval eval", "harmless": "beavertails-evaluation", "honest": "truthfulqa test"}
+
+
 def collect_results(run: Run) -> dict:
-    """results.json: every number of the run with its provenance, from the stage outputs."""
+    """results.json: every number of the run with its provenance, from the stage outputs.
+
+    `systems.SYSTEM.AXIS` is the axis' `metrics` exactly as `trinityx evaluate` wrote them in RUN/eval/SYSTEM.json
+    (rates 0-100, each with its 95% interval `<metric>_ci`), plus the items' `split` (and the helpful axis'
+    `reference`); `systems.SYSTEM.efficiency` is the system's row of the inference benchmark; `paired` names the
+    metrics the same way.
+    """
     cfg = run.cfg
     meta = json.loads((run.dir / "run.json").read_text())
     judges_info = run.state["judges"]["info"]["judges"]
@@ -578,28 +587,9 @@ def collect_results(run: Run) -> dict:
         if not f.is_file():
             continue
         axes = json.loads(f.read_text())["axes"]
-        row = {}
-        if "helpful" in axes:
-            m = axes["helpful"]["metrics"]
-            row["helpful"] = {"win_rate": m["win_rate"], "lc_win_rate": m["lc_win_rate"], "ci95": m["win_rate_ci"],
-                              "lc_win_rate_ci95": m["lc_win_rate_ci"], "n": m["n"],
-                              "cut_at_token_limit": m.get("cut_at_token_limit"),
-                              "reference": axes["helpful"]["data"]["reference"], "split": "alpaca_eval eval"}
-        if "harmless" in axes:
-            m = axes["harmless"]["metrics"]
-            row["harmless"] = {"unsafe_rate": m["unsafe_rate"], "safety_score": m["safety_score"],
-                               "ci95": m["safety_score_ci"], "unsafe_rate_ci95": m["unsafe_rate_ci"], "n": m["n"],
-                               "cut_at_token_limit": m.get("cut_at_token_limit"),
-                               "split": "beavertails-evaluation"}
-        if "honest" in axes:
-            m = axes["honest"]["metrics"]
-            row["honest"] = {"mc1": m["mc1"], "mc2": m["mc2"], "mc1_ci95": m["mc1_ci"], "mc2_ci95": m["mc2_ci"],
-                             "truthful": m["truthful_rate"], "informative": m["informative_rate"],
-                             "truthful_ci95": m["truthful_rate_ci"], "informative_ci95": m["informative_rate_ci"],
-                             "truth_x_info": m["truthful_informative_rate"],
-                             "truth_x_info_ci95": m["truthful_informative_rate_ci"], "n": m["n_mc"],
-                             "n_generated": m["n"], "cut_at_token_limit": m.get("cut_at_token_limit"),
-                             "split": "truthfulqa test"}
+        row = {axis: {**record["metrics"], "split": AXIS_SPLITS[axis]} for axis, record in axes.items()}
+        if "helpful" in row:
+            row["helpful"]["reference"] = axes["helpful"]["data"]["reference"]
         if spec in bench:
             row["efficiency"] = bench[spec]
         systems[spec] = row
@@ -617,16 +607,6 @@ def collect_results(run: Run) -> dict:
               "evaluation_sets": calibration.get("evaluation_sets", {}),
               "reliability_before_png": "mocae/reliability_before.png",
               "reliability_after_png": "mocae/reliability_after.png"}
-    base = systems.get("base", {})
-    relative = {}
-    for name, row in systems.items():
-        if name == "base" or "helpful" not in row:
-            continue
-        relative[name] = {
-            "win_rate": relative_gain(row["helpful"]["win_rate"], base.get("helpful", {}).get("win_rate")),
-            "safety_score": relative_gain(row["harmless"]["safety_score"], base.get("harmless", {}).get("safety_score")),
-            "truth_x_info": relative_gain(row["honest"]["truth_x_info"], base.get("honest", {}).get("truth_x_info")),
-        }
     routing, routing_accuracy = {}, {}
     if eval_file(run.dir, "trinityx").is_file():  # how trinityx routed each evaluation set's items
         for axis, record in json.loads(eval_file(run.dir, "trinityx").read_text())["axes"].items():
@@ -641,7 +621,6 @@ def collect_results(run: Run) -> dict:
         "judges": judges, "systems": systems, "router": router,
         "routing": routing, "routing_accuracy": routing_accuracy,
         "paired": paired_results(run),
-        "relative_to_base": relative,
         "gamma": json.loads((run.dir / "gamma.json").read_text()),
         "provenance": {
             "helpful": f"AlpacaEval eval split (alpaca_eval/split.json), first {cfg.eval_limit} prompts, vs the "

@@ -7,11 +7,12 @@ excludes 0); a run without it falls back to "tie when either value lies inside t
 whose judge does not beat its trivial baseline (`judges.*.measurable` false) is printed as not measurable. The HTML file is self-contained (inline CSS, figures as
 base64 PNG data URIs), so it can be mailed or archived without the run folder.
 
-Conventions of results.json read here: rates are percentages 0-100; `helpful.ci95` is the win rate's interval
-and `harmless.ci95` the safety score's (the unsafe rate's is its mirror, 100 - [hi, lo], unless
-`harmless.unsafe_rate_ci95` is given); other intervals are `<metric>_ci95` (`honest.mc1_ci95`, and optional
-ones such as `helpful.lc_win_rate_ci95` or `honest.truthful_ci95`, shown when present). Any system, axis or
-section may be missing (a partial run): it renders as "—".
+Conventions of results.json read here: `systems.SYSTEM.AXIS` holds the metrics of `trinityx evaluate` under its
+own names (RUN/eval/SYSTEM.json `axes.AXIS.metrics`): rates are percentages 0-100, each `<metric>` with its 95%
+interval `<metric>_ci` (`helpful.win_rate_ci`, `harmless.unsafe_rate_ci`, `honest.truthful_informative_rate_ci`);
+`n` counts the judged items (for honest: the generated answers) and `honest.n_mc` the MC1/MC2 questions. `paired`
+uses the same metric names. Relative gains are computed here, from those numbers. Any system, axis or section
+may be missing (a partial run): it renders as "—".
 """
 
 import base64
@@ -40,34 +41,34 @@ DPI = 110
 MAIN_SYSTEMS = (BASE, *BASELINES, OURS, ORACLE)
 SYSTEM_ORDER = (*MAIN_SYSTEMS, *ABLATIONS, *EFFICIENCY_ONLY)
 # The paper's relative gains over strong baselines (Kashyap et al. 2025, abstract), printed next to ours.
-PAPER_GAINS = {"win_rate": 32.5, "safety_score": 33.9, "truth_x_info": 28.4}
+PAPER_GAINS = {"win_rate": 32.5, "safety_score": 33.9, "truthful_informative_rate": 28.4}
 
 
 @dataclass(frozen=True)
 class Column:
-    """One metric of the main table: where it lives in `systems[NAME]` and which way is better."""
+    """One metric of the main table: where it lives in `systems[NAME]` (its interval beside it, `<metric>_ci`)
+    and which way is better."""
 
     label: str
     axis: str
     metric: str
-    ci: str
     higher_is_better: bool = True
 
 
 COLUMNS = (
-    Column("Win rate", "helpful", "win_rate", "ci95"),
-    Column("LC win rate", "helpful", "lc_win_rate", "lc_win_rate_ci95"),
-    Column("Safety score", "harmless", "safety_score", "ci95"),
-    Column("Unsafe rate", "harmless", "unsafe_rate", "unsafe_rate_ci95", higher_is_better=False),
-    Column("MC1", "honest", "mc1", "mc1_ci95"),
-    Column("MC2", "honest", "mc2", "mc2_ci95"),
-    Column("Truthful", "honest", "truthful", "truthful_ci95"),
-    Column("Informative", "honest", "informative", "informative_ci95"),
-    Column("Truth×info", "honest", "truth_x_info", "truth_x_info_ci95"),
+    Column("Win rate", "helpful", "win_rate"),
+    Column("LC win rate", "helpful", "lc_win_rate"),
+    Column("Safety score", "harmless", "safety_score"),
+    Column("Unsafe rate", "harmless", "unsafe_rate", higher_is_better=False),
+    Column("MC1", "honest", "mc1"),
+    Column("MC2", "honest", "mc2"),
+    Column("Truthful", "honest", "truthful_rate"),
+    Column("Informative", "honest", "informative_rate"),
+    Column("Truth×info", "honest", "truthful_informative_rate"),
 )
 COLUMN = {c.metric: c for c in COLUMNS}
 # The three headline axes (one per dimension): relative gains, scatter, radar.
-HEADLINE = (COLUMN["win_rate"], COLUMN["safety_score"], COLUMN["truth_x_info"])
+HEADLINE = (COLUMN["win_rate"], COLUMN["safety_score"], COLUMN["truthful_informative_rate"])
 
 
 @dataclass
@@ -93,17 +94,14 @@ def measure(results: dict, system: str, col: Column) -> tuple[float, tuple[float
     value = axis.get(col.metric)
     if value is None:
         return None
-    ci = axis.get(col.ci)
-    if ci is None and col.metric == "unsafe_rate" and axis.get("ci95") is not None:
-        lo, hi = axis["ci95"]  # the safety score's interval, mirrored
-        ci = (100.0 - hi, 100.0 - lo)
+    ci = axis.get(f"{col.metric}_ci")
     return float(value), None if ci is None else (float(ci[0]), float(ci[1]))
 
 
 # The judges behind each judged metric (results.json `judges` keys); MC1 and MC2 need none.
 JUDGES_OF_METRIC = {"win_rate": ("helpful",), "lc_win_rate": ("helpful",), "safety_score": ("harmless",),
-                    "unsafe_rate": ("harmless",), "truthful": ("truth",), "informative": ("info",),
-                    "truth_x_info": ("truth", "info")}
+                    "unsafe_rate": ("harmless",), "truthful_rate": ("truth",), "informative_rate": ("info",),
+                    "truthful_informative_rate": ("truth", "info")}
 NOT_MEASURABLE = "n/m"
 
 
@@ -321,7 +319,7 @@ def draw_hhh_scatter(results: dict, path: Path) -> list[str] | None:
             if any(entry(results, s, a) for a in ("helpful", "harmless", "honest")):
                 left_out.append(s)
             continue
-        points.append((s, x, y, measure(results, s, COLUMN["truth_x_info"])))
+        points.append((s, x, y, measure(results, s, COLUMN["truthful_informative_rate"])))
     if not points:
         return None
     fig = Figure(figsize=(8.2, 6.0), layout="constrained")
@@ -532,8 +530,8 @@ def axis_source(results: dict, systems, axis: str) -> str:
                 f"n {distinct(results, systems, 'harmless', 'n')}, judge {judge_validity(judges, 'harmless')}")
     if axis == "honest":
         return (f"split {distinct(results, systems, 'honest', 'split')}, MC1/MC2 by log-likelihood "
-                f"(no judge) on n {distinct(results, systems, 'honest', 'n')}, truthful/informative on "
-                f"n {distinct(results, systems, 'honest', 'n_generated')} generated answers, truth judge "
+                f"(no judge) on n {distinct(results, systems, 'honest', 'n_mc')}, truthful/informative on "
+                f"n {distinct(results, systems, 'honest', 'n')} generated answers, truth judge "
                 f"{judge_validity(judges, 'truth')}, info judge {judge_validity(judges, 'info')}")
     raise ValueError(axis)
 
@@ -595,7 +593,7 @@ def main_blocks(results: dict) -> list:
     rows = metric_table(results, systems, COLUMNS, OURS, {"tie": "tie"})
     for row, s in zip(rows, systems):
         ns = [fmt_num(entry(results, s, a).get(k)) for a, k in
-              (("helpful", "n"), ("harmless", "n"), ("honest", "n"), ("honest", "n_generated"))]
+              (("helpful", "n"), ("harmless", "n"), ("honest", "n_mc"), ("honest", "n"))]
         row.append(" / ".join(ns))
     header = ["System", *[c.label + (" ↓" if not c.higher_is_better else "") for c in COLUMNS],
               "n (help / harm / MC / gen)"]
@@ -614,8 +612,9 @@ def main_blocks(results: dict) -> list:
 
 
 def gains_blocks(results: dict) -> list:
-    rows, recorded_mismatch = [], []
-    recorded = (results.get("relative_to_base") or {}).get(OURS) or {}
+    """trinityx's relative gains over base and the best baseline on the headline axes: computed here, from the
+    systems' numbers (results.json holds no gains of its own)."""
+    rows = []
     for col in HEADLINE:
         ours, base = measure(results, OURS, col), measure(results, BASE, col)
         best = best_of(results, baselines(results), col)
@@ -628,23 +627,17 @@ def gains_blocks(results: dict) -> list:
         rows.append([col.label, fmt_measure(ours), fmt_measure(base), fmt_gain(vs_base) + verdict_base,
                      DASH if best is None else f"{code(best[0])} {fmt_measure(best[1])}",
                      fmt_gain(vs_best) + verdict_best, f"+{PAPER_GAINS[col.metric]}%"])
-        if vs_base is not None and recorded.get(col.metric) is not None and abs(recorded[col.metric] - vs_base) > 0.05:
-            recorded_mismatch.append(f"{col.label}: results.json `relative_to_base` says "
-                                     f"{fmt_gain(recorded[col.metric])}, the systems' numbers give {fmt_gain(vs_base)}")
     header = ["Axis", "trinityx", "base", "gain vs base", "best baseline", "gain vs best baseline", "paper's claim"]
     note = ("Relative gain = 100 (trinityx − reference) / reference, as in the paper; in brackets the verdict "
             "of the paired test (a tie is a gain inside the noise). The best baseline is the best of expert:*, "
             "datamix and merge:* on that axis. The paper's claims are relative gains over strong baselines "
             "(Kashyap et al. 2025), not numbers from this run.")
-    blocks = [("h", 2, "Relative gains")] + table_block(header, rows, note)
-    if recorded_mismatch:
-        blocks.append(("p", "**Inconsistent results.json**: " + "; ".join(recorded_mismatch) + "."))
-    return blocks
+    return [("h", 2, "Relative gains")] + table_block(header, rows, note)
 
 
-PAIRED_COLUMNS = ("win_rate", "lc_win_rate", "safety_score", "mc1", "mc2", "truth_x_info")
+PAIRED_COLUMNS = ("win_rate", "lc_win_rate", "safety_score", "mc1", "mc2", "truthful_informative_rate")
 OWN_AXIS = {"expert:helpful": ("win_rate", "lc_win_rate"), "expert:harmless": ("safety_score",),
-            "expert:honest": ("mc1", "mc2", "truth_x_info")}
+            "expert:honest": ("mc1", "mc2", "truthful_informative_rate")}
 
 
 def paired_cell(results: dict, a: str, b: str, metric: str) -> str:
@@ -691,7 +684,8 @@ def paired_blocks(results: dict) -> list:
 
 def ablation_blocks(results: dict) -> list:
     systems = ablation_systems(results)
-    columns = [COLUMN[k] for k in ("win_rate", "lc_win_rate", "safety_score", "mc1", "mc2", "truth_x_info")]
+    columns = [COLUMN[k] for k in ("win_rate", "lc_win_rate", "safety_score", "mc1", "mc2",
+                                    "truthful_informative_rate")]
     rows = metric_table(results, systems, columns, OURS, {"tie": "tie", "win": "worse", "loss": "better"})
     note = ("**Bold**: best in the column. In brackets each ablation against `trinityx` by the paired test: "
             "worse, tie or better. no-calibration: temperature T = 1; no-gl / no-rl: gating / regularisation "
@@ -851,9 +845,9 @@ def provenance_blocks(results: dict) -> list:
         "**Win rate, LC win rate** — " + axis_source(results, systems, "helpful") + f"; seed {seed}.",
         "**Safety score, unsafe rate** — " + axis_source(results, systems, "harmless") + f"; seed {seed}.",
         f"**MC1, MC2** — split {distinct(results, systems, 'honest', 'split')}, log-likelihood of the answer "
-        f"choices, no judge; n {distinct(results, systems, 'honest', 'n')}; seed {seed}.",
+        f"choices, no judge; n {distinct(results, systems, 'honest', 'n_mc')}; seed {seed}.",
         f"**Truthful, informative, truth×info** — generated answers, n "
-        f"{distinct(results, systems, 'honest', 'n_generated')}; truth judge {judge_validity(judges, 'truth')}; "
+        f"{distinct(results, systems, 'honest', 'n')}; truth judge {judge_validity(judges, 'truth')}; "
         f"info judge {judge_validity(judges, 'info')}; seed {seed}.",
         f"**Efficiency** — machine {code(results.get('machine'))}; fixed prompts and lengths; no judge.",
         f"**Router calibration** — n {fmt_num((results.get('router') or {}).get('n'))} held-out labelled prompts; "
