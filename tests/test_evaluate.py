@@ -457,6 +457,36 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
     against = paired_comparison(item_values(out), mine, seed=0, n_boot=50)
     assert against["win_rate"]["n"] == 3 and len(against["lc_win_rate"]["ci95"]) == 2
 
+    # `trinityx compare`: the same paired numbers from the files, each against the first.
+    from trinityx.evaluate import CompareConfig, compare_cli
+
+    compared = compare_cli(CompareConfig((out, tmp_path / "oracle.json", tmp_path / "expert.json"), bootstrap=50))
+    assert compared["a"] == "trinityx" and set(compared["against"]) == {"trinityx:oracle", "expert:honest"}
+    paired = compared["against"]["trinityx:oracle"]["paired"]
+    assert paired["win_rate"] == {**against["win_rate"], "measurable": True}
+    assert set(compared["against"]["expert:honest"]["paired"]) == set(same)  # the honest axis only
+    # A helpful judge at the length rule: its metrics are marked, not hidden.
+    weak = json.loads((tmp_path / "oracle.json").read_text())
+    for path in (out, tmp_path / "oracle.json"):
+        r = json.loads(path.read_text())
+        r["axes"]["helpful"]["judges"]["helpful"]["validity"]["beats_trivial_baseline"] = False
+        path.write_text(json.dumps(r))
+    again = compare_cli(CompareConfig((out, tmp_path / "oracle.json"), bootstrap=50))["against"]["trinityx:oracle"]
+    assert again["paired"]["win_rate"]["measurable"] is False and again["paired"]["mc1"]["measurable"] is True
+    # Files that cannot be compared: a clear error naming the file and what differs.
+    weak["axes"]["harmless"]["judges"]["harm"]["threshold"] = 0.3
+    (tmp_path / "other_judge.json").write_text(json.dumps(weak))
+    with pytest.raises(TrinityXError, match=r"other_judge.json: axis harmless was judged by fake-harm at threshold 0.3"):
+        compare_cli(CompareConfig((out, tmp_path / "other_judge.json")))
+    unfinished = {k: v for k, v in weak.items() if k != "finished"}
+    (tmp_path / "unfinished.json").write_text(json.dumps(unfinished))
+    with pytest.raises(TrinityXError, match="did not finish"):
+        compare_cli(CompareConfig((out, tmp_path / "unfinished.json")))
+    with pytest.raises(TrinityXError, match="does not exist"):
+        compare_cli(CompareConfig((out, tmp_path / "nope.json")))
+    with pytest.raises(TrinityXError, match="at least two"):
+        compare_cli(CompareConfig((out,)))
+
 
 def test_caller_gates_reuse_a_shared_primer_exactly(run, backbone):
     from trinityx.generation import loglikelihoods

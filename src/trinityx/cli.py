@@ -21,6 +21,7 @@ def _commands() -> dict:
         "generate": (routing.GenerateConfig, routing.generate),
         "train-judges": (judges_cli.TrainJudgesConfig, judges_cli.train_judges_cli),
         "evaluate": (evaluate.EvaluateConfig, evaluate.evaluate_cli),
+        "compare": (evaluate.CompareConfig, evaluate.compare_cli),
         "report": (report.ReportConfig, report.report_cli),
         "serve": (serve.ServeConfig, serve.serve),
         "chat": (chat.ChatConfig, chat.chat),
@@ -43,6 +44,7 @@ commands:
   generate        answer prompts with a MoCaE model and print its gates
   train-judges    train the offline judges and measure their validity on held-out data
   evaluate        score a system on helpful / harmless / honest with validated judges
+  compare         paired comparison of evaluation files scored on the same items (each against the first)
   report          rebuild report.md and report.html of a run from its results.json
   serve           OpenAI-compatible HTTP server for a MoCaE folder (batched, gates in every answer)
   chat            terminal chat with streaming output and /weights, /reset commands

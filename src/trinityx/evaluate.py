@@ -685,3 +685,74 @@ def paired_comparison(a: dict[str, dict[int, object]], b: dict[str, dict[int, ob
         d["verdict"] = metrics.paired_verdict(d, higher_is_better=metric not in lower)
         out[metric] = d
     return out
+
+
+@dataclass
+class CompareConfig:
+    """Compare evaluation files of systems scored on the same items: each against the first, by a paired bootstrap."""
+
+    files: tuple[Path, ...]
+    """Evaluation result files (`trinityx evaluate --out`, or RUN/eval/SYSTEM.json): the first is compared with
+    each of the others. (required)"""
+    seed: int = 0
+    """Seed of the paired bootstrap."""
+    bootstrap: int = 1000
+    """Resamples of each paired 95% interval."""
+
+
+def _comparable(path: Path) -> dict:
+    """An evaluation file that finished, read; a clear error otherwise."""
+    if not path.is_file():
+        raise TrinityXError(f"{path} does not exist; give the result file `trinityx evaluate --out` wrote")
+    try:
+        result = json.loads(path.read_text())
+    except ValueError:
+        raise TrinityXError(f"{path} is not valid JSON; evaluate the system again to rewrite it") from None
+    if not isinstance(result, dict) or "axes" not in result:
+        raise TrinityXError(f"{path} is not an evaluation result (no 'axes'); give a `trinityx evaluate --out` file")
+    if "finished" not in result:
+        raise TrinityXError(f"{path}: the evaluation did not finish; rerun it (its answers are cached)")
+    return result
+
+
+def compare_cli(cfg: CompareConfig) -> dict:
+    """`trinityx compare A B [C ...]`: each of B, C, ... against A on the items both scored, metric by metric.
+
+    Two files judged by different judges (name or threshold) on an axis, or generated with other answer
+    settings, are not comparable on that axis: an error names the axis and what differs."""
+    if len(cfg.files) < 2:
+        raise TrinityXError("give at least two evaluation files: the first is compared with each of the others")
+    first = Path(cfg.files[0])
+    results = {Path(f): _comparable(Path(f)) for f in cfg.files}
+    a = results[first]
+    out = {"a": a["system"], "file": str(first), "seed": cfg.seed, "bootstrap": cfg.bootstrap, "against": {}}
+    print(f"{'metric':<26} {'a':>8} {'b':>8} {'a - b':>8}  paired 95% CI       n  verdict (a vs b)")
+    for path in [Path(f) for f in cfg.files[1:]]:
+        b = results[path]
+        for axis in set(a["axes"]) & set(b["axes"]):
+            for kind, used in a["axes"][axis]["judges"].items():
+                other = b["axes"][axis]["judges"].get(kind, {})
+                if (used["name"], used["threshold"]) != (other.get("name"), other.get("threshold")):
+                    raise TrinityXError(f"{path}: axis {axis} was judged by {other.get('name')} at threshold "
+                                        f"{other.get('threshold')}, {first} by {used['name']} at {used['threshold']}; "
+                                        "evaluate both with the same judges to compare them")
+        for key in ("helpful_harmless_generation", "honest_generation"):
+            if a["config"].get(key) != b["config"].get(key):
+                raise TrinityXError(f"{path} generated answers with {key} {b['config'].get(key)}, {first} with "
+                                    f"{a['config'].get(key)}; evaluate both with the same settings to compare them")
+        paired = paired_comparison(item_values(first), item_values(path), cfg.seed, cfg.bootstrap)
+        print(f"-- {a['system']} (a) vs {b['system']} (b), {path}")
+        for metric, d in paired.items():
+            axis = PAIRED_METRICS[metric][0]
+            va, vb = a["axes"][axis]["metrics"].get(metric), b["axes"][axis]["metrics"].get(metric)
+            lo, hi = d["ci95"]
+            judges = a["axes"][axis]["judges"]
+            weak = [k for k in metrics.JUDGES_OF_METRIC.get(metric, ())
+                    if judges[k]["validity"].get("beats_trivial_baseline") is False]
+            d["measurable"] = not weak  # design.md: a judge at its trivial baseline measures nothing
+            note = f"  (not measurable: the {', '.join(weak)} judge does not beat its trivial baseline)" if weak else ""
+            print(f"{metric:<26} {va:>8.2f} {vb:>8.2f} {d['difference']:>8.2f}  [{lo:7.2f}, {hi:7.2f}] {d['n']:>5}  "
+                  f"{d['verdict']}{note}")
+        out["against"][b["system"]] = {"file": str(path), "paired": paired}
+    print(json.dumps(out))
+    return out

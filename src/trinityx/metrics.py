@@ -174,6 +174,13 @@ def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:
     return "tie"
 
 
+# metric (named as in an evaluation axis' `metrics`) -> the judge kinds (trinityx.judges.KINDS) behind it; MC1 and
+# MC2 need none.
+JUDGES_OF_METRIC = {"win_rate": ("helpful",), "lc_win_rate": ("helpful",), "safety_score": ("harm",),
+                    "unsafe_rate": ("harm",), "truthful_rate": ("truth",), "informative_rate": ("info",),
+                    "truthful_informative_rate": ("truth", "info")}
+
+
 def relative_gain(ours: float | None, reference: float | None) -> float | None:
     """100 (ours - reference) / reference, the paper's "relative gain"; None when either is missing or the
     reference is 0."""

@@ -32,7 +32,7 @@ from matplotlib.transforms import Bbox
 
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_text
-from trinityx.metrics import relative_gain
+from trinityx.metrics import JUDGES_OF_METRIC as JUDGE_KINDS_OF_METRIC, relative_gain
 from trinityx.paths import check_writable
 from trinityx.registry import ABLATIONS, BASE, BASELINES, EFFICIENCY_ONLY, MOE_BASELINES, ORACLE, OURS
 
@@ -99,9 +99,8 @@ def measure(results: dict, system: str, col: Column) -> tuple[float, tuple[float
 
 
 # The judges behind each judged metric (results.json `judges` keys); MC1 and MC2 need none.
-JUDGES_OF_METRIC = {"win_rate": ("helpful",), "lc_win_rate": ("helpful",), "safety_score": ("harmless",),
-                    "unsafe_rate": ("harmless",), "truthful_rate": ("truth",), "informative_rate": ("info",),
-                    "truthful_informative_rate": ("truth", "info")}
+JUDGES_OF_METRIC = {metric: tuple("harmless" if k == "harm" else k for k in kinds)
+                    for metric, kinds in JUDGE_KINDS_OF_METRIC.items()}
 NOT_MEASURABLE = "n/m"
 
 
