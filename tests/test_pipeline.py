@@ -233,3 +233,38 @@ def test_a_failing_system_in_a_worker_names_itself_and_keeps_the_others(tiny_bac
     with pytest.raises(TrinityXError, match=r"evaluating expert:nonsense failed .*expert__nonsense.log"):
         pipeline.stage_evaluate(run, data_dir)
     assert "finished" in json.loads(pipeline.eval_file(run.dir, "base").read_text())
+
+
+def test_a_router_of_another_definition_is_trained_again_and_its_evaluations_dropped(tmp_path, monkeypatch, capsys):
+    from dataclasses import asdict
+
+    from trinityx.experts import to_jsonable
+
+    run = pipeline.Run(pipeline.PipelineConfig(out=tmp_path / "run", systems=("base", "trinityx", "trinityx:no-gl")))
+    (run.dir / "eval").mkdir(parents=True)
+    (run.dir / "gamma.json").write_text(json.dumps({"gamma": [0.3, 0.3, 0.4]}))
+    for name in ("mocae", "mocae-no-gl"):
+        (run.dir / name).mkdir()
+        recorded = to_jsonable(asdict(pipeline.router_config(run, name, None)))
+        if name == "mocae-no-gl":
+            recorded["phase"] = "states"  # as routers trained before no-GL moved to the LM-loss phase
+        (run.dir / name / "trinityx_config.json").write_text(json.dumps(recorded))
+        (run.dir / name / "train_log.json").write_text(json.dumps({"router_accuracy_dev": 0.5}))
+    for spec in ("trinityx", "trinityx:no-gl"):
+        pipeline.eval_file(run.dir, spec).write_text("{}")
+    run.state["router"] = {"finished": "x", "seconds": 1.0}
+    assert pipeline.router_changes(run, "mocae") == []
+    assert pipeline.router_changes(run, "mocae-no-gl") == ["phase states -> lm"]
+    assert not run.done("router")  # recorded as finished, but one router is of another definition
+
+    trained = []
+    monkeypatch.setattr(pipeline, "fit_router", lambda cfg, backbone, pooled: trained.append(cfg) or
+                        {"router_accuracy_dev": 0.9})
+    monkeypatch.setattr(run, "backbone", lambda: None)
+    logs = pipeline.stage_router(run, tmp_path)
+    assert [c.out.name for c in trained] == ["mocae-no-gl"]
+    assert trained[0].phase == "lm" and trained[0].loss.gl_weight == 0.0 and trained[0].loss.lm_weight == 1.0
+    assert logs["router_accuracy_dev"] == {"mocae": 0.5, "mocae-no-gl": 0.9}
+    assert "mocae-no-gl was trained with phase states -> lm: training it again" in capsys.readouterr().out
+    assert not pipeline.eval_file(run.dir, "trinityx:no-gl").exists()  # its answers came from the old router
+    assert pipeline.eval_file(run.dir, "trinityx").exists() and (run.dir / "mocae" / "train_log.json").exists()

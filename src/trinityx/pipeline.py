@@ -160,6 +160,9 @@ class Run:
             missing = _judges_changed(self.state[stage]["info"])
             if missing:
                 print(f"[judges] {missing[0]} changed since the stage ran: loading the judges again")
+        if stage == "router" and stage in self.state and not missing:
+            # A router whose definition changed since (registry, config): trained again.
+            missing = [self.dir / name for name in routers_needed(self.cfg.systems) if router_changes(self, name)]
         if stage == "evaluate" and stage in self.state and not missing:
             # A changed eval_limit, answer length or judge: the systems it concerns are evaluated again.
             missing = [f for f in STAGE_OUTPUTS[stage](self) if not _evaluated(f, self)]
@@ -276,27 +279,53 @@ def routers_needed(systems) -> list[str]:
     return [name for name in ROUTER_FOLDERS if name in needed]
 
 
+def router_config(run: Run, name: str, data_dir) -> RouterConfig:
+    """How the run trains router folder `name` (ROUTER_FOLDERS[name] applied to the run's settings)."""
+    cfg, change = run.cfg, ROUTER_FOLDERS[name]
+    loss = replace(cfg.router_loss, **{k: v for k, v in change.items() if k.endswith("_weight")})
+    phase = change.get("phase", "states")
+    return RouterConfig(experts=run.dir / "experts", out=run.dir / name, backbone=cfg.backbone, data_dir=str(data_dir),
+                        router=change.get("router", "sequence"), gamma=tuple(_gamma(run)), phase=phase,
+                        per_dimension=cfg.routing_per_dimension if phase == "states" else cfg.expert_examples,
+                        dev_per_dimension=cfg.calibrate_examples,  # = calibration's fit set: one pass
+                        routing_files=cfg.routing_files, overwrite=True, loss=loss,
+                        pool_layer=cfg.router_pool_layer, pool_layers=cfg.router_pool_layers,
+                        pooling=cfg.router_pooling, head_hidden=cfg.router_head_hidden,
+                        train=replace(cfg.router_train, seed=cfg.seed),
+                        head_train=replace(cfg.router_head_train, seed=cfg.seed))
+
+
+# What makes two routers different (trinityx_config.json keys); the rest (paths, overwrite) does not.
+ROUTER_IDENTITY = ("router", "phase", "loss", "pool_layer", "pool_layers", "pooling", "head_hidden", "per_dimension",
+                   "routing_files")
+
+
+def router_changes(run: Run, name: str) -> list[str]:
+    """How the router saved in RUN/name differs from what the run asks for now ([] = the same, or not saved)."""
+    path = run.dir / name / "trinityx_config.json"
+    if not path.is_file() or not (run.dir / "gamma.json").is_file():
+        return []
+    recorded = json.loads(path.read_text())
+    wanted = to_jsonable(asdict(router_config(run, name, run.cfg.data_dir)))
+    return [f"{k} {recorded.get(k)} -> {wanted[k]}" for k in ROUTER_IDENTITY if recorded.get(k) != wanted[k]]
+
+
 def stage_router(run: Run, data_dir: Path) -> dict:
-    cfg, logs = run.cfg, {}
-    for name in routers_needed(cfg.systems):
-        change = ROUTER_FOLDERS[name]
+    logs = {}
+    for name in routers_needed(run.cfg.systems):
         out = run.dir / name
-        if (out / "train_log.json").is_file():
+        changes = router_changes(run, name)
+        if (out / "train_log.json").is_file() and not changes:
             logs[name] = json.loads((out / "train_log.json").read_text())["router_accuracy_dev"]
             continue
-        loss = replace(cfg.router_loss, **{k: v for k, v in change.items() if k.endswith("_weight")})
-        phase = change.get("phase", "states")
-        router_cfg = RouterConfig(experts=run.dir / "experts", out=out, backbone=cfg.backbone, data_dir=str(data_dir),
-                                  router=change.get("router", "sequence"), gamma=tuple(_gamma(run)), phase=phase,
-                                  per_dimension=cfg.routing_per_dimension if phase == "states" else cfg.expert_examples,
-                                  dev_per_dimension=cfg.calibrate_examples,  # = calibration's fit set: one pass
-                                  routing_files=cfg.routing_files, overwrite=True, loss=loss,
-                                  pool_layer=cfg.router_pool_layer, pool_layers=cfg.router_pool_layers,
-                                  pooling=cfg.router_pooling, head_hidden=cfg.router_head_hidden,
-                                  train=replace(cfg.router_train, seed=cfg.seed),
-                                  head_train=replace(cfg.router_head_train, seed=cfg.seed))
+        if changes:  # a router of another definition: its folder, calibration and evaluations go; trained again
+            print(f"[router] {name} was trained with {'; '.join(changes)}: training it again")
+            shutil.rmtree(out)
+            for spec, (folder, _) in MOCAE_SYSTEMS.items():
+                if folder == name:
+                    eval_file(run.dir, spec).unlink(missing_ok=True)
         # A fresh backbone per router (attaching experts changes it in place); the routing states are shared.
-        logs[name] = fit_router(router_cfg, run.backbone(), run.pooled)["router_accuracy_dev"]
+        logs[name] = fit_router(router_config(run, name, data_dir), run.backbone(), run.pooled)["router_accuracy_dev"]
     return {"router_accuracy_dev": logs}
 
 

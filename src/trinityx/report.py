@@ -687,10 +687,11 @@ def ablation_blocks(results: dict) -> list:
                                     "truthful_informative_rate")]
     rows = metric_table(results, systems, columns, OURS, {"tie": "tie", "win": "worse", "loss": "better"})
     note = ("**Bold**: best in the column. In brackets each ablation against `trinityx` by the paired test: "
-            "worse, tie or better. no-calibration: temperature T = 1; no-gl / no-rl: gating / regularisation "
-            "loss weight 0; uniform: gates fixed at 1/K; top1: only the highest gate; lm-router: the sequence "
-            "router trained through the mixture with the LM loss (the paper's objective) instead of on cached "
-            "prompt states; trinityx-token: a gate per token. " + source_note(results, systems, ("helpful", "harmless", "honest")))
+            "worse, tie or better. no-calibration: temperature T = 1; no-rl: regularisation loss weight 0; "
+            "uniform: gates fixed at 1/K; top1: only the highest gate; lm-router: the sequence router trained "
+            "through the mixture with the LM loss (the paper's objective) instead of on cached prompt states; "
+            "no-gl: the lm-router without the gating loss (as the paper ablates it: on cached states there would "
+            "be no signal left); trinityx-token: a gate per token. " + source_note(results, systems, ("helpful", "harmless", "honest")))
     return [("h", 2, "Ablations")] + table_block(["System", *[c.label for c in columns]], rows, note)
 
 
