@@ -155,6 +155,11 @@ def parse_overrides(specs: tuple[str, ...]) -> dict[str, str]:
     return overrides
 
 
+def same_judge(a: dict, b: dict) -> bool:
+    """Two judge records (`judge_record`, judge.json) name the same judge: same name, same threshold."""
+    return (a.get("name"), a.get("threshold")) == (b.get("name"), b.get("threshold"))
+
+
 def judge_record(judge) -> dict:
     """Which judge scored an axis and how far to trust it (docs/design.md: unknown validity is not a result)."""
     return {"name": judge.name, "kind": judge.kind, "threshold": judge.threshold, "validity": judge.validity,
@@ -732,7 +737,7 @@ def compare_cli(cfg: CompareConfig) -> dict:
         for axis in set(a["axes"]) & set(b["axes"]):
             for kind, used in a["axes"][axis]["judges"].items():
                 other = b["axes"][axis]["judges"].get(kind, {})
-                if (used["name"], used["threshold"]) != (other.get("name"), other.get("threshold")):
+                if not same_judge(used, other):
                     raise TrinityXError(f"{path}: axis {axis} was judged by {other.get('name')} at threshold "
                                         f"{other.get('threshold')}, {first} by {used['name']} at {used['threshold']}; "
                                         "evaluate both with the same judges to compare them")

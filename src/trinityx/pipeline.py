@@ -155,17 +155,10 @@ class Run:
         missing = [p for p in STAGE_OUTPUTS.get(stage, lambda run: [])(self) if not p.is_file()]
         if stage in self.state and missing:
             print(f"[{stage}] recorded as finished, but {missing[0]} is missing: running it again")
-        if stage == "judges" and stage in self.state:
-            # A judge retrained since (train-judges): the stage records the judges the folder holds now.
-            missing = _judges_changed(self.state[stage]["info"])
+        if stage in self.state and not missing and stage in STAGE_CHANGES:
+            missing = STAGE_CHANGES[stage](self)
             if missing:
-                print(f"[judges] {missing[0]} changed since the stage ran: loading the judges again")
-        if stage == "router" and stage in self.state and not missing:
-            # A router whose definition changed since (registry, config): trained again.
-            missing = [self.dir / name for name in routers_needed(self.cfg.systems) if router_changes(self, name)]
-        if stage == "evaluate" and stage in self.state and not missing:
-            # A changed eval_limit, answer length or judge: the systems it concerns are evaluated again.
-            missing = [f for f in STAGE_OUTPUTS[stage](self) if not _evaluated(f, self)]
+                print(f"[{stage}] {missing[0]} changed since the stage ran: running it again")
         return stage in self.state and not missing
 
     def finish(self, stage: str, seconds: float, **info) -> None:
@@ -411,13 +404,14 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
 
 def _judges_changed(recorded: dict) -> list[Path]:
     """The judge.json files of the judges stage's folder whose judge differs (name, threshold) from the recorded one."""
+    from trinityx.evaluate import same_judge
     from trinityx.judges.local import JUDGE_FILE
 
     changed = []
     for kind, judge in recorded["judges"].items():
         path = Path(recorded["folder"]) / kind / JUDGE_FILE
         meta = json.loads(path.read_text()) if path.is_file() else {}
-        if (meta.get("name"), meta.get("threshold")) != (judge["name"], judge["threshold"]):
+        if not same_judge(meta, judge):
             changed.append(path)
     return changed
 
@@ -469,6 +463,8 @@ def _evaluated(out: Path, run: Run, say: bool = False) -> bool:
 
 def _evaluation_changes(result: dict, run: Run) -> list[str]:
     """How a finished evaluation file differs from what the run asks for now ([] = up to date)."""
+    from trinityx.evaluate import same_judge
+
     cfg, recorded = run.cfg, result.get("config", {})
     wanted = {"limit": cfg.eval_limit, "mc_limit": cfg.eval_mc_limit, "seed": cfg.seed,
               "max_new_tokens": cfg.max_new_tokens, "answer_tokens": cfg.answer_tokens}
@@ -480,7 +476,7 @@ def _evaluation_changes(result: dict, run: Run) -> list[str]:
     for axis, part in result.get("axes", {}).items():
         for kind, used in (part.get("judges") or {}).items():
             now = judges.get(kind)
-            if now and (used.get("name"), used.get("threshold")) != (now["name"], now["threshold"]):
+            if now and not same_judge(used, now):
                 why.append(f"{axis} was judged by {used.get('name')} at threshold {used.get('threshold')}, "
                            f"the run's {kind} judge is now {now['name']} at {now['threshold']}")
     return why
@@ -705,6 +701,15 @@ STAGE_FUNCTIONS.update({"judges": stage_judges, "evaluate": stage_evaluate, "ben
 
 # The files each stage leaves in the run folder (each written last or atomically, so present means complete).
 # The judges live outside the run folder; their stage checks them itself.
+# Finished outputs that no longer fit what the run asks for (stage -> the paths out of date), so the stage runs
+# again: a judge retrained since (train-judges), a router whose definition changed (registry, config), an
+# evaluation done with other items, answer lengths, seed or judges (redone from its cached answers).
+STAGE_CHANGES = {
+    "judges": lambda run: _judges_changed(run.state["judges"]["info"]),
+    "router": lambda run: [run.dir / name for name in routers_needed(run.cfg.systems) if router_changes(run, name)],
+    "evaluate": lambda run: [f for f in STAGE_OUTPUTS["evaluate"](run) if not _evaluated(f, run)],
+}
+
 STAGE_OUTPUTS = {
     "splits": lambda run: [run.dir / "splits.json"],
     "experts": lambda run: [run.dir / "experts" / d / "train_log.json" for d in data.DIMENSIONS],
