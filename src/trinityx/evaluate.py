@@ -705,6 +705,13 @@ class CompareConfig:
     """Resamples of each paired 95% interval."""
 
 
+def weak_judges(judges: dict, metric: str) -> list[str]:
+    """The judge kinds behind `metric` whose recorded validity (an axis' "judges" record) does not beat their
+    trivial baseline: a metric with any is not measurable with these judges (design.md)."""
+    return [kind for kind in metrics.JUDGES_OF_METRIC.get(metric, ())
+            if judges[kind]["validity"].get("beats_trivial_baseline") is False]
+
+
 def _comparable(path: Path) -> dict:
     """An evaluation file that finished, read; a clear error otherwise."""
     if not path.is_file():
@@ -751,9 +758,7 @@ def compare_cli(cfg: CompareConfig) -> dict:
             axis = PAIRED_METRICS[metric][0]
             va, vb = a["axes"][axis]["metrics"].get(metric), b["axes"][axis]["metrics"].get(metric)
             lo, hi = d["ci95"]
-            judges = a["axes"][axis]["judges"]
-            weak = [k for k in metrics.JUDGES_OF_METRIC.get(metric, ())
-                    if judges[k]["validity"].get("beats_trivial_baseline") is False]
+            weak = weak_judges(a["axes"][axis]["judges"], metric)
             d["measurable"] = not weak  # design.md: a judge at its trivial baseline measures nothing
             note = f"  (not measurable: the {', '.join(weak)} judge does not beat its trivial baseline)" if weak else ""
             print(f"{metric:<26} {va:>8.2f} {vb:>8.2f} {d['difference']:>8.2f}  [{lo:7.2f}, {hi:7.2f}] {d['n']:>5}  "

@@ -1,0 +1,88 @@
+"""The README's paper-run tables, printed as Markdown from a run's evaluation files.
+
+    python scripts/paper_tables.py runs/paper            # every system evaluated so far, in the registry's order
+
+Three tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
+token limit; `trinityx` against every other system; every system against `base`. The last two are paired
+(`evaluate.paired_comparison`: a paired bootstrap of the per-item difference, a win or a loss only when the
+interval excludes 0), the same numbers `trinityx compare` prints. Metrics whose judge does not beat its trivial
+baseline are marked n/m (`metrics.JUDGES_OF_METRIC`), as the report marks them.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from trinityx.evaluate import item_values, paired_comparison, weak_judges
+from trinityx.registry import BASE, OURS, SYSTEMS
+
+COLUMNS = (("helpful", "win_rate", "win rate %"), ("helpful", "lc_win_rate", "LC win rate %"),
+           ("harmless", "safety_score", "safety score %"), ("honest", "mc1", "MC1 %"), ("honest", "mc2", "MC2 %"),
+           ("honest", "truthful_rate", "truthful %"), ("honest", "informative_rate", "informative %"),
+           ("honest", "truthful_informative_rate", "truth x info %"))
+PAIRED = ("safety_score", "mc1", "mc2", "truthful_rate", "informative_rate", "truthful_informative_rate")
+
+
+def result_file(run: Path, system: str) -> Path:
+    return run / "eval" / f"{system.replace(':', '__')}.json"
+
+
+def measurable(axis_record: dict, metric: str) -> bool:
+    """False when a judge behind `metric` does not beat its trivial baseline (its recorded validity says so)."""
+    return not weak_judges(axis_record["judges"], metric)
+
+
+def main_table(run: Path, systems: list[str]) -> list[str]:
+    lines = ["| system | " + " | ".join(c[2] for c in COLUMNS) + " | cut at the token limit % (Alpaca / Beaver / TQA) |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    for system in systems:
+        axes = json.loads(result_file(run, system).read_text())["axes"]
+        cells = []
+        for axis, metric, _ in COLUMNS:
+            record = axes[axis]["metrics"]
+            value = record[metric]
+            if not measurable(axes[axis], metric):
+                cells.append(f"{value:.1f} (n/m)")
+            else:
+                low, high = record[f"{metric}_ci"]
+                cells.append(f"{value:.1f} [{low:.1f}, {high:.1f}]")
+        cut = " / ".join(f"{axes[a]['metrics']['cut_at_token_limit']:.0f}" for a in ("helpful", "harmless", "honest"))
+        name = f"**`{system}`**" if system == OURS else f"`{system}`"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cut} |")
+    return lines
+
+
+def paired_table(pairs: list[tuple[str, str]], values: dict) -> list[str]:
+    lines = ["| comparison | " + " | ".join(PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
+    for a, b in pairs:
+        compared = paired_comparison(values[a], values[b], 0, 1000)
+        cells = []
+        for metric in PAIRED:
+            d = compared[metric]
+            low, high = d["ci95"]
+            text = f"{d['difference']:+.1f} [{low:+.1f}, {high:+.1f}] {d['verdict']}"
+            cells.append(f"**{text}**" if d["verdict"] != "tie" else text)
+        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="a run folder (its eval/ holds one result file per system)")
+    args = parser.parse_args()
+    systems = [s for s in SYSTEMS if result_file(args.run, s).is_file()
+               and "finished" in json.loads(result_file(args.run, s).read_text())]
+    if not systems:
+        raise SystemExit(f"{args.run / 'eval'}: no finished evaluation; run `trinityx run` or `trinityx evaluate` first")
+    values = {s: item_values(result_file(args.run, s)) for s in systems}
+    print("\n".join(main_table(args.run, systems)))
+    if OURS in systems:
+        print()
+        print("\n".join(paired_table([(OURS, s) for s in systems if s != OURS], values)))
+    if BASE in systems:
+        print()
+        print("\n".join(paired_table([(s, BASE) for s in systems if s != BASE], values)))
+
+
+if __name__ == "__main__":
+    main()
