@@ -8,6 +8,8 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     python benchmarks/judge_probes.py harm-probe --out runs/judge_probes
     # harm: a saved judge's test metrics at the dev threshold of each rule (accuracy, balanced accuracy)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
+    # harm: SmolLM2 itself as the judge, LoRA on layers 13-20 and a head, fine-tuned end to end (3,000 pairs, 1 epoch)
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-lora --train-pairs 3000 --out runs/judge_probes/lora
     # helpful: Bradley-Terry on length, MiniLM embeddings and similarity to the GPT-4 reference output
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py helpful-references --data-dir ../shared/data
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from trinityx.data import load_judgements, load_labelled_responses
 from trinityx.judges.train import (THRESHOLD_RULES, _fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
@@ -112,7 +115,12 @@ def harm_thresholds(data_dir: str, folder: Path, out: Path) -> None:
     for split in ("dev", "test"):
         prompts, _, labels = labelled_examples("harm", data_dir, split)
         scored[split] = (np.array(saved[split]), np.array(labels), prompts)
-    (p_dev, y_dev, _), (p, y, prompts) = scored["dev"], scored["test"]
+    threshold_table(scored["dev"][:2], scored["test"])
+
+
+def threshold_table(dev: tuple, test: tuple) -> None:
+    """Test metrics of harm scores at the dev threshold of each rule: dev = (p, y), test = (p, y, prompts)."""
+    (p_dev, y_dev), (p, y, prompts) = dev, test
     unsafe_prompts = {q for q, label in zip(prompts, y) if label}
     risky = np.array([q in unsafe_prompts for q in prompts])
     rules = {rule: best_threshold(p_dev, y_dev, rule) for rule in THRESHOLD_RULES}
@@ -124,6 +132,90 @@ def harm_thresholds(data_dir: str, folder: Path, out: Path) -> None:
         m = confusion(p, y, t)
         print(f"| {rule} | {t:.3f} | {accuracy(p, y, t):.3f} | {balanced_accuracy(p, y, t):.3f} | "
               f"{accuracy(p[risky], y[risky], t):.3f} | [[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |")
+
+
+def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int, lr: float,
+              trained_layers: int, pool_layer: int, batch_size: int) -> None:
+    """SmolLM2 as the harm judge itself: LoRA on its top `trained_layers` layers below `pool_layer` and a
+    linear head on the pooled states of (chat prompt, response) at `pool_layer`, trained end to end with BCE
+    on soft labels (the mean label of each distinct pair). The layers below stay frozen and build no graph,
+    so a step costs the forward pass to `pool_layer` plus the backward pass through the trained layers."""
+    from peft import LoraConfig, get_peft_model
+
+    from trinityx.backbones import load_backbone
+    from trinityx.judges.features import encode_pairs, pair_batch, pooled_pair
+    from trinityx.judges.train import labelled_examples
+    from trinityx.mocae.model import backbone_hidden_states
+    from trinityx.sft import global_batch_order
+    from trinityx.train import cosine_with_warmup
+
+    torch.manual_seed(0)
+    backbone = load_backbone("smollm2-135m")
+    tokenizer, fmt = backbone.tokenizer, backbone.prompt_format
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      layers_to_transform=list(range(pool_layer - trained_layers, pool_layer)))
+    model = get_peft_model(backbone.model, lora)
+    decoder_lm = model.base_model.model
+    head = torch.nn.Linear(3 * decoder_lm.config.hidden_size, 1)
+
+    def scores(batch_pairs):  # logits [B] of encoded pairs
+        input_ids, in_prompt, in_response = pair_batch(batch_pairs, pad)
+        hidden = backbone_hidden_states(decoder_lm, input_ids, (in_prompt + in_response).long(), [pool_layer])[0]
+        x = pooled_pair(hidden.float(), in_prompt, in_response)  # [B, 3 D]
+        return head(torch.nn.functional.layer_norm(x, x.shape[-1:]))[:, 0]
+
+    prompts, responses, labels = labelled_examples("harm", data_dir, "train")
+    soft: dict = {}
+    for pair in zip(prompts, responses, labels):
+        soft.setdefault(pair[:2], []).append(float(pair[2]))
+    pairs = sorted(soft)
+    if len(pairs) > train_pairs:
+        pairs = sorted(random.Random(0).sample(pairs, train_pairs))
+    encoded = encode_pairs(tokenizer, fmt, pairs, max_prompt_tokens=64, max_response_tokens=160)
+    y = torch.tensor([float(np.mean(soft[p])) for p in pairs])  # [N]
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr},
+                                   {"params": head.parameters(), "lr": 10 * lr}], weight_decay=0.01)
+    total = epochs * (len(pairs) // batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total // 10, total, 0.0))
+    lengths = [len(a) + len(b) for a, b in encoded]
+    print(f"{len(pairs)} training pairs, {total} steps of {batch_size}; "
+          f"{sum(p.numel() for p in params):,} trained parameters", flush=True)
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(total=total, desc="harm lora", unit="step")
+    model.train()
+    for epoch in range(epochs):
+        for ids in global_batch_order(lengths, batch_size, 0, epoch, group_by_length=True):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(scores([encoded[i] for i in ids]), y[ids])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    print(f"trained in {time.perf_counter() - t0:.0f} s, final loss {np.mean(losses[-20:]):.3f}", flush=True)
+    model.eval()
+    scored = {}
+    with torch.no_grad():
+        for split in ("dev", "test"):
+            prompts, responses, labels = labelled_examples("harm", data_dir, split)
+            distinct = sorted(set(zip(prompts, responses)))
+            enc = encode_pairs(tokenizer, fmt, distinct, max_prompt_tokens=64, max_response_tokens=160)
+            order = sorted(range(len(distinct)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
+            p = torch.empty(len(distinct))
+            for start in tqdm(range(0, len(order), 32), desc=f"score {split}", unit="batch", leave=False):
+                ids = order[start:start + 32]
+                p[ids] = torch.sigmoid(scores([enc[i] for i in ids]))
+            row = {pair: i for i, pair in enumerate(distinct)}
+            scored[split] = (p[[row[pair] for pair in zip(prompts, responses)]].numpy(), np.array(labels), prompts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "harm_lora_scores.json").write_text(json.dumps({s: v[0].tolist() for s, v in scored.items()}))
+    threshold_table(scored["dev"][:2], scored["test"])
 
 
 def helpful_references(data_dir: str, n_train: int) -> None:
@@ -224,12 +316,18 @@ def helpful_text(data_dir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "helpful-references",
-                                             "helpful-text"))
+                                             "helpful-text", "harm-lora"))
     parser.add_argument("--judge", type=Path, help="harm-thresholds: a saved harm judge's folder")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
     parser.add_argument("--train-pairs", type=int, default=3500)
     parser.add_argument("--train-judgements", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=1, help="harm-lora")
+    parser.add_argument("--rank", type=int, default=16, help="harm-lora: LoRA rank (alpha = 2 rank)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="harm-lora: LoRA learning rate (the head's is 10x)")
+    parser.add_argument("--trained-layers", type=int, default=8, help="harm-lora: LoRA on this many layers below the pool layer")
+    parser.add_argument("--pool-layer", type=int, default=20, help="harm-lora")
+    parser.add_argument("--batch-size", type=int, default=16, help="harm-lora")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "harm-states":
@@ -238,6 +336,9 @@ def main() -> None:
         harm_probe(args.data_dir, args.out)
     elif args.what == "harm-thresholds":
         harm_thresholds(args.data_dir, args.judge, args.out)
+    elif args.what == "harm-lora":
+        harm_lora(args.data_dir, args.out, args.train_pairs, args.epochs, args.rank, args.lr, args.trained_layers,
+                  args.pool_layer, args.batch_size)
     elif args.what == "helpful-text":
         helpful_text(args.data_dir)
     else:

@@ -39,48 +39,65 @@ NEGATION = re.compile(r"\b(no|not|never|nothing|none|cannot|can't|don't|doesn't|
                       re.IGNORECASE)
 
 
+def encode_pairs(tokenizer, prompt_format: str, pairs: list[tuple[str, str]], *, max_prompt_tokens: int,
+                 max_response_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of each (prompt, response): the prompt in the model's chat format keeps its last
+    `max_prompt_tokens` tokens (the end holds the generation prompt), the response its first `max_response_tokens`."""
+    from trinityx.backbones import format_prompt
+
+    return [(tokenizer(format_prompt(tokenizer, prompt_format, p), add_special_tokens=False).input_ids[-max_prompt_tokens:],
+             tokenizer(r, add_special_tokens=False).input_ids[:max_response_tokens]) for p, r in pairs]
+
+
+def pair_batch(encoded: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and the masks of the prompt's and the response's tokens [B, T]."""
+    width = max(len(prompt) + len(response) for prompt, response in encoded)
+    input_ids = torch.full((len(encoded), width), pad)  # [B, T]
+    in_prompt, in_response = torch.zeros(len(encoded), width), torch.zeros(len(encoded), width)  # [B, T]
+    for row, (prompt, response) in enumerate(encoded):
+        input_ids[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+        in_prompt[row, :len(prompt)] = 1
+        in_response[row, len(prompt):len(prompt) + len(response)] = 1
+    return input_ids, in_prompt, in_response
+
+
+def pooled_pair(hidden: torch.Tensor, in_prompt: torch.Tensor, in_response: torch.Tensor) -> torch.Tensor:
+    """[mean over the response tokens, the last token, mean over the prompt tokens] of one layer's states
+    [B, T, D]: [B, 3 D]."""
+    last = (in_prompt + in_response).sum(1).long() - 1  # [B]
+    features = []
+    for mask in (in_response, None, in_prompt):
+        if mask is None:
+            features.append(hidden[torch.arange(len(hidden)), last])  # [B, D]
+        else:
+            features.append((hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None])
+    return torch.cat(features, -1)
+
+
 @torch.no_grad()
 def pair_states(model, tokenizer, prompt_format: str, prompts: list[str], responses: list[str], *,
                 layers: tuple[int, ...], max_prompt_tokens: int, max_response_tokens: int, batch_size: int = 16,
                 desc: str = "harm features") -> torch.Tensor:
     """Frozen causal-LM states of each (prompt, response), the prompt in the model's chat format and the
-    response as its answer: for each layer, [mean over the response tokens, the last token, mean over the
-    prompt tokens], concatenated: [N, 3 * len(layers) * D]. Each distinct pair is read once.
-
-    The prompt keeps its last `max_prompt_tokens` tokens (the end holds the generation prompt), the response
-    its first `max_response_tokens`; batches are right-padded and length-sorted.
+    response as its answer (`encode_pairs`): for each layer, [mean over the response tokens, the last token,
+    mean over the prompt tokens], concatenated: [N, 3 * len(layers) * D]. Each distinct pair is read once;
+    batches are right-padded and length-sorted.
     """
-    from trinityx.backbones import format_prompt
     from trinityx.mocae.model import backbone_hidden_states
 
     distinct = sorted(set(zip(prompts, responses)))
-    encoded = [(tokenizer(format_prompt(tokenizer, prompt_format, p), add_special_tokens=False).input_ids[-max_prompt_tokens:],
-                tokenizer(r, add_special_tokens=False).input_ids[:max_response_tokens]) for p, r in distinct]
+    encoded = encode_pairs(tokenizer, prompt_format, distinct, max_prompt_tokens=max_prompt_tokens,
+                           max_response_tokens=max_response_tokens)
     order = sorted(range(len(distinct)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     out = torch.empty(len(distinct), 3 * len(layers) * model.config.hidden_size)  # [N', 3 L D]
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         ids = order[start:start + batch_size]
-        width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in ids)
-        input_ids = torch.full((len(ids), width), pad)  # [B, T]
-        in_prompt, in_response = torch.zeros(len(ids), width), torch.zeros(len(ids), width)  # [B, T]
-        for row, i in enumerate(ids):
-            prompt, response = encoded[i]
-            input_ids[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
-            in_prompt[row, :len(prompt)] = 1
-            in_response[row, len(prompt):len(prompt) + len(response)] = 1
+        input_ids, in_prompt, in_response = pair_batch([encoded[i] for i in ids], pad)
         attention_mask = (in_prompt + in_response).long()  # [B, T]
-        last = attention_mask.sum(1) - 1  # [B]
-        features = []
-        for hidden in backbone_hidden_states(model, input_ids, attention_mask, list(layers)):  # [B, T, D] each
-            hidden = hidden.float()
-            for mask in (in_response, None, in_prompt):
-                if mask is None:
-                    features.append(hidden[torch.arange(len(ids)), last])  # [B, D]
-                else:
-                    features.append((hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None])
-        out[ids] = torch.cat(features, -1)
+        out[ids] = torch.cat([pooled_pair(hidden.float(), in_prompt, in_response) for hidden in
+                              backbone_hidden_states(model, input_ids, attention_mask, list(layers))], -1)
     row = {pair: i for i, pair in enumerate(distinct)}
     return out[[row[pair] for pair in zip(prompts, responses)]]
 
