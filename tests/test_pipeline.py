@@ -238,7 +238,7 @@ def test_a_failing_system_in_a_worker_names_itself_and_keeps_the_others(tiny_bac
 def test_a_router_of_another_definition_is_trained_again_and_its_evaluations_dropped(tmp_path, monkeypatch, capsys):
     from dataclasses import asdict
 
-    from trinityx.experts import to_jsonable
+    from trinityx.io import to_jsonable
 
     run = pipeline.Run(pipeline.PipelineConfig(out=tmp_path / "run", systems=("base", "trinityx", "trinityx:no-gl")))
     (run.dir / "eval").mkdir(parents=True)

@@ -26,7 +26,7 @@ import numpy as np
 from trinityx import data, metrics
 from trinityx.errors import TrinityXError
 from trinityx.generation import GenerationSettings
-from trinityx.io import write_json
+from trinityx.io import to_jsonable, write_json
 from trinityx.paths import check_writable
 
 AXES = ("helpful", "harmless", "honest")
@@ -575,7 +575,6 @@ def launched_shard() -> Shard | None:
 def evaluate_cli(cfg: EvaluateConfig) -> dict:
     """`trinityx evaluate`: load the backbone and the system, evaluate (or merge shards), print a summary table."""
     from trinityx.backbones import load_backbone
-    from trinityx.experts import to_jsonable
     from trinityx.systems import load_system, run_backbone
 
     if cfg.merge_shards:

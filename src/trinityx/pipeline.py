@@ -19,8 +19,8 @@ import torch
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
-from trinityx.io import write_json
+from trinityx.experts import LoraSettings, subsample, train_lora
+from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS

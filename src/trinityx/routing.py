@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, context_error, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
-from trinityx.io import write_json
+from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample
+from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import is_adapter, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.model import read_config
