@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trinityx.errors import TrinityXError
 from trinityx.export import ExportConfig, export
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.taskvectors import merge
+from trinityx.lora.taskvectors import merge
 
 from tiny import NAMES, TARGETS, load, make_mocae_folder
 

@@ -231,7 +231,7 @@ def stage_datamix(run: Run, data_dir: Path) -> dict:
 
 def stage_reference(run: Run, data_dir: Path) -> dict:
     """gamma from a short LoRA fit on the target mixture (docs/design.md): softmax over cosines to T_ref."""
-    from trinityx.taskvectors import TaskVector, gamma, similarities
+    from trinityx.lora.taskvectors import TaskVector, gamma, similarities
 
     cfg = run.cfg
     out = run.dir / "reference"
@@ -256,7 +256,7 @@ def _gamma(run: Run) -> list[float]:
 
 
 def stage_merges(run: Run, data_dir: Path) -> dict:
-    from trinityx.taskvectors import merge
+    from trinityx.lora.taskvectors import merge
 
     experts = [run.dir / "experts" / d for d in data.DIMENSIONS]
     weights = _gamma(run)
