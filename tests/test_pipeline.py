@@ -12,7 +12,7 @@ from trinityx import pipeline
 from trinityx.cli import main
 from trinityx.errors import TrinityXError
 from trinityx.judges import Judge
-from trinityx.train import TrainConfig
+from trinityx.train.loop import TrainConfig
 
 
 def fake_judges():

@@ -19,9 +19,9 @@ import torch
 
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
-from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
 from trinityx.sft import collate
-from trinityx.train import TrainConfig, fit
+from trinityx.train.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
+from trinityx.train.loop import TrainConfig, fit
 
 
 @dataclass

@@ -8,17 +8,17 @@ from trinityx.errors import TrinityXError
 
 def _commands() -> dict:
     # Imported here so `trinityx --help` stays fast.
-    from trinityx import (backbones_cli, bench, bench_inference, bench_serve, chat, evaluate, experts, export, pipeline,
-                          report, routing, serve)
+    from trinityx import backbones_cli, bench, bench_inference, bench_serve, chat, evaluate, export, pipeline, report, serve
     from trinityx.judges import cli as judges_cli
+    from trinityx.train import experts, router
 
     return {
         "run": (pipeline.PipelineConfig, pipeline.run_pipeline),
         "train-expert": (experts.ExpertConfig, experts.train_expert),
         "train-experts": (experts.ExpertsConfig, experts.train_experts),
-        "fit-router": (routing.RouterConfig, routing.fit_router),
-        "calibrate": (routing.CalibrateConfig, routing.calibrate),
-        "generate": (routing.GenerateConfig, routing.generate),
+        "fit-router": (router.RouterConfig, router.fit_router),
+        "calibrate": (router.CalibrateConfig, router.calibrate),
+        "generate": (router.GenerateConfig, router.generate),
         "train-judges": (judges_cli.TrainJudgesConfig, judges_cli.train_judges_cli),
         "evaluate": (evaluate.EvaluateConfig, evaluate.evaluate_cli),
         "compare": (evaluate.CompareConfig, evaluate.compare_cli),

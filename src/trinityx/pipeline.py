@@ -19,13 +19,13 @@ import torch
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import LoraSettings, subsample, train_lora
 from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
-from trinityx.routing import HEAD_TRAIN, LM_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
-from trinityx.train import TrainConfig
+from trinityx.train.experts import LoraSettings, subsample, train_lora
+from trinityx.train.loop import TrainConfig
+from trinityx.train.router import HEAD_TRAIN, LM_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 
 STAGES = ("splits", "experts", "datamix", "reference", "merges", "router", "calibration", "judges", "evaluate",
           "bench", "report")

@@ -20,7 +20,7 @@ from trinityx.io import atomic_dir, to_jsonable, write_json
 from trinityx.lora.adapters import lora_config
 from trinityx.paths import check_writable
 from trinityx.sft import Encoded, encode
-from trinityx.train import TrainConfig, fit, lm_loss_sum
+from trinityx.train.loop import TrainConfig, fit, lm_loss_sum
 
 
 @dataclass
