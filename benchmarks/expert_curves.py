@@ -211,7 +211,7 @@ def run(args) -> dict:
 
     from trinityx import data
     from trinityx.backbones import load_backbone
-    from trinityx.systems import System
+    from trinityx.infer.systems import System
     from trinityx.train.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model, subsample
     from trinityx.train.loop import TrainConfig, fit
 

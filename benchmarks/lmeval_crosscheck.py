@@ -24,7 +24,7 @@ import numpy as np
 from trinityx import data
 from trinityx.backbones import load_backbone
 from trinityx.evaluate import mc_scores
-from trinityx.systems import load_system
+from trinityx.infer.systems import load_system
 
 TARGET = 0.5  # points
 

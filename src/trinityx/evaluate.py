@@ -25,7 +25,7 @@ import numpy as np
 
 from trinityx import data, metrics
 from trinityx.errors import TrinityXError
-from trinityx.generation import GenerationSettings
+from trinityx.infer.generation import GenerationSettings
 from trinityx.io import to_jsonable, write_json
 from trinityx.paths import check_writable
 
@@ -62,7 +62,7 @@ class EvaluateConfig:
     """Evaluate one system on the HHH axes; every metric, interval and judge validity goes to one JSON file."""
 
     system: str
-    """System: base, expert:DIM, datamix, merge:METHOD, trinityx[:VARIANT], trinityx-token (see trinityx.systems)."""
+    """System: base, expert:DIM, datamix, merge:METHOD, trinityx[:VARIANT], trinityx-token (trinityx.infer.systems)."""
     out: Path
     """Result JSON file (rewritten as each axis finishes); helpful answers also go to <out>.model_outputs.json."""
     axes: str = ",".join(AXES)
@@ -100,7 +100,7 @@ class EvaluateConfig:
     """Generation cache folder (default: $TRINITYX_CACHE/generations). Shards share it: each process appends to
     its own file and reads every process's, so nothing is generated twice."""
     backend: Literal["hf", "vllm"] = "hf"
-    """Generation backend: hf (transformers generate) or vllm (optional extra; see trinityx.vllm_backend).
+    """Generation backend: hf (transformers generate) or vllm (optional extra; see trinityx.infer.vllm_backend).
     MC1/MC2 log-likelihoods always run on hf."""
     shard: str | None = None
     """Evaluate only shard I of N (items I, I+N, ...), e.g. 0/2, into <out>.shard-I-of-N.json; merge the N
@@ -575,7 +575,7 @@ def launched_shard() -> Shard | None:
 def evaluate_cli(cfg: EvaluateConfig) -> dict:
     """`trinityx evaluate`: load the backbone and the system, evaluate (or merge shards), print a summary table."""
     from trinityx.backbones import load_backbone
-    from trinityx.systems import load_system, run_backbone
+    from trinityx.infer.systems import load_system, run_backbone
 
     if cfg.merge_shards:
         result = merge_shards(cfg.out)

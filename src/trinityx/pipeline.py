@@ -485,7 +485,7 @@ def _evaluation_changes(result: dict, run: Run) -> list[str]:
 def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, data_dir: Path, backbone) -> float:
     """Evaluate one system of the run into RUN/eval/SYSTEM.json; returns the seconds it took."""
     from trinityx.evaluate import EvaluateConfig, evaluate
-    from trinityx.systems import load_system
+    from trinityx.infer.systems import load_system
 
     start = time.perf_counter()
     system = load_system(spec, run_dir, backbone)
