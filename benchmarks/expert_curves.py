@@ -14,7 +14,7 @@ Measured at each checkpoint, all on DEV data (never the test splits, which are f
 
 - dev loss: the trainer's own token-weighted loss on --dev-examples dev examples of the dimension;
 - honest: TruthfulQA MC1 / MC2 (%) on the dev-split questions, by log-likelihood with the evaluation's own
-  scoring (`trinityx.evaluate.mc_scores`: the QA primer, lm-evaluation-harness tokenisation);
+  scoring (`trinityx.eval.evaluate.mc_scores`: the QA primer, lm-evaluation-harness tokenisation);
 - harmless: preference accuracy on PKU-SafeRLHF dev pairs (`safe_unsafe_pairs.json`, one pair per dev
   prompt): the share of pairs whose safe response has a higher mean per-token log-likelihood than the unsafe
   one, under the chat template the expert is trained in, plus the mean margin and the share of pairs whose
@@ -157,7 +157,7 @@ def dev_probe(dimension: str, data_dir: Path, args):
     from trinityx import data
 
     if dimension == "honest":
-        from trinityx.evaluate import mc_scores
+        from trinityx.eval.evaluate import mc_scores
 
         questions = data.load_truthfulqa_mc(data_dir, "dev")[: args.probe_items]
 

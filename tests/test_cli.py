@@ -117,7 +117,7 @@ def test_train_judges_checks_out_and_recipe_before_training(data_dir, tmp_path, 
     def no_work(*args, **kwargs):
         raise AssertionError("a judge trained before --out was checked")
 
-    monkeypatch.setattr("trinityx.judges.cli.train_judges", no_work)
+    monkeypatch.setattr("trinityx.eval.judges.cli.train_judges", no_work)
     (tmp_path / "a-file").write_text("")
     for out, why in ((tmp_path / "a-file" / "judges", "is a file, not a folder"),
                      (Path("/proc/trinityx/judges"), "cannot be written")):

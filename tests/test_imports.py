@@ -20,7 +20,7 @@ def import_graph() -> dict[str, set[str]]:
         imported = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trinityx"):
-                # `from trinityx.judges import cli` imports the submodule, `from trinityx.io import write_json` the module
+                # `from trinityx.eval import judges` imports a submodule, `from trinityx.io import write_json` a module
                 imported |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                              for a in node.names}
             elif isinstance(node, ast.Import):
@@ -50,7 +50,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "trinityx.bench_inference" in graph and "trinityx.judges.local" in graph  # the graph is read
+    assert "trinityx.bench_inference" in graph and "trinityx.eval.judges.local" in graph  # the graph is read
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

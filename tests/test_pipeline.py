@@ -11,7 +11,7 @@ import pytest
 from trinityx import pipeline
 from trinityx.cli import main
 from trinityx.errors import TrinityXError
-from trinityx.judges import Judge
+from trinityx.eval.judges import Judge
 from trinityx.train.loop import TrainConfig
 
 
@@ -46,7 +46,7 @@ def fakes(monkeypatch, tmp_path):
                            for k, j in judges.items()}}
 
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "judges", stage_judges)
-    monkeypatch.setattr("trinityx.evaluate.load_judges", lambda axes, folder, overrides: judges)
+    monkeypatch.setattr("trinityx.eval.evaluate.load_judges", lambda axes, folder, overrides: judges)
 
 
 def test_run_every_stage_then_resume_and_force(tiny_backbone, data_dir, tmp_path, fakes, capsys):

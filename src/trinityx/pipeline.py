@@ -86,7 +86,7 @@ class PipelineConfig:
     judges_dir: Path | None = None
     """Trained judges (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges); missing ones are trained."""
     judge_recipe: str = "default"
-    """Recipe of the judges (trinityx.judges.train.RECIPES); missing judges or judges of another recipe are retrained."""
+    """Recipe of the judges (eval.judges.train.RECIPES); missing judges or judges of another recipe are retrained."""
     eval_limit: int | None = 24
     """Items per axis (first N of each evaluation set); None evaluates all 400/140/299."""
     eval_mc_limit: int | None = None
@@ -386,9 +386,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def stage_judges(run: Run, data_dir: Path) -> dict:
     """Reuse trained judges (they do not depend on the backbone); train the missing or stale ones."""
-    from trinityx.evaluate import resolve_judges_dir
-    from trinityx.judges import load_judge
-    from trinityx.judges.train import adopt_judges, stale_judges, train_judges
+    from trinityx.eval.evaluate import resolve_judges_dir
+    from trinityx.eval.judges import load_judge
+    from trinityx.eval.judges.train import adopt_judges, stale_judges, train_judges
 
     folder = resolve_judges_dir(run.cfg.judges_dir, run.cfg.judge_recipe)
     stale = adopt_judges(folder, stale_judges(folder, RUN_JUDGES, run.cfg.judge_recipe), run.cfg.judge_recipe,
@@ -404,8 +404,8 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
 
 def _judges_changed(recorded: dict) -> list[Path]:
     """The judge.json files of the judges stage's folder whose judge differs (name, threshold) from the recorded one."""
-    from trinityx.evaluate import same_judge
-    from trinityx.judges.local import JUDGE_FILE
+    from trinityx.eval.evaluate import same_judge
+    from trinityx.eval.judges.local import JUDGE_FILE
 
     changed = []
     for kind, judge in recorded["judges"].items():
@@ -417,7 +417,7 @@ def _judges_changed(recorded: dict) -> list[Path]:
 
 
 RUN_JUDGES = ("helpful", "harm", "truth", "info")
-"""The judges a run trains (when missing or stale) and loads, in this order: every kind of trinityx.judges.KINDS."""
+"""The judges a run trains (when missing or stale) and loads, in this order: every kind of eval.judges.KINDS."""
 
 
 def eval_file(run_dir: Path, system: str) -> Path:
@@ -463,7 +463,7 @@ def _evaluated(out: Path, run: Run, say: bool = False) -> bool:
 
 def _evaluation_changes(result: dict, run: Run) -> list[str]:
     """How a finished evaluation file differs from what the run asks for now ([] = up to date)."""
-    from trinityx.evaluate import same_judge
+    from trinityx.eval.evaluate import same_judge
 
     cfg, recorded = run.cfg, result.get("config", {})
     wanted = {"limit": cfg.eval_limit, "mc_limit": cfg.eval_mc_limit, "seed": cfg.seed,
@@ -484,7 +484,7 @@ def _evaluation_changes(result: dict, run: Run) -> list[str]:
 
 def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, data_dir: Path, backbone) -> float:
     """Evaluate one system of the run into RUN/eval/SYSTEM.json; returns the seconds it took."""
-    from trinityx.evaluate import EvaluateConfig, evaluate
+    from trinityx.eval.evaluate import EvaluateConfig, evaluate
     from trinityx.infer.systems import load_system
 
     start = time.perf_counter()
@@ -677,7 +677,7 @@ def paired_pairs(systems) -> list[tuple[str, str]]:
 
 def paired_results(run: Run) -> dict:
     """{a: {b: {metric: paired difference a - b}}} for `paired_pairs` of the evaluated systems."""
-    from trinityx.evaluate import item_values, paired_comparison
+    from trinityx.eval.evaluate import item_values, paired_comparison
 
     evaluated = [s for s in run.cfg.systems if _evaluated(eval_file(run.dir, s), run)]
     values = {s: item_values(eval_file(run.dir, s)) for s in evaluated}

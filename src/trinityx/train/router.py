@@ -466,7 +466,7 @@ def route_evaluation_sets(model: MoCaEModel, backbone: Backbone, data_dir: Path,
                           max_length: int, pooled_cache: dict | None = None) -> dict:
     """{set: routing summary} of a sequence router over every item of each evaluation set (gates at T). The
     router never saw these prompts (they are excluded from the routing data); this is how it routes them."""
-    from trinityx.evaluate import routing_summary
+    from trinityx.eval.evaluate import routing_summary
 
     if model.config.router != "sequence":
         return {}

@@ -23,8 +23,9 @@ from typing import Literal
 
 import numpy as np
 
-from trinityx import data, metrics
+from trinityx import data
 from trinityx.errors import TrinityXError
+from trinityx.eval import metrics
 from trinityx.infer.generation import GenerationSettings
 from trinityx.io import to_jsonable, write_json
 from trinityx.paths import check_writable
@@ -125,7 +126,7 @@ def resolve_judges_dir(judges_dir: str | Path | None, recipe: str = "default") -
 
 def load_judges(axes, judges_dir, overrides: dict[str, str]):
     """The judge of each kind the axes need: an override spec (make_judge) or JUDGES/<kind>/ (load_judge)."""
-    from trinityx.judges import load_judge, make_judge
+    from trinityx.eval.judges import load_judge, make_judge
 
     judges = {}
     for kind in [k for axis in axes for k in JUDGES_OF_AXIS[axis]]:
@@ -354,7 +355,7 @@ def score_honest(system, mc_questions, mc_idx, questions, idx, truth, info, *, s
     texts = [questions[i].question for i in idx]
     gates = system.request_gates(texts, "honest")
     answers = system.generate([qa_prompt(t) for t in texts], settings, cache_dir, gates=gates)
-    from trinityx.judges import references_of, score_answers
+    from trinityx.eval.judges import references_of, score_answers
 
     references = [references_of(questions[i]) for i in idx]  # the judges that read them compare against them
     p_true, truth_failed = checked(truth, score_answers(truth, texts, answers, references), idx)
