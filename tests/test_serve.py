@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trinityx.chat import ChatSession, parse_weights, run_chat
 from trinityx.errors import TrinityXError
+from trinityx.infer.engine import TextTracker, render_chat
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.serve import ServeConfig, ServerThread, TextTracker, build_app, load_served, render_chat
+from trinityx.serve import ServeConfig, ServerThread, build_app, load_served
 
 from tiny import NAMES, load, make_mocae_folder
 
