@@ -17,11 +17,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinityx.chat import ChatSession, parse_weights, run_chat
+from trinityx.apps.chat import ChatSession, parse_weights, run_chat
+from trinityx.apps.serve import ServeConfig, ServerThread, build_app, load_served
 from trinityx.errors import TrinityXError
 from trinityx.infer.engine import TextTracker, render_chat
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.serve import ServeConfig, ServerThread, build_app, load_served
 
 from tiny import NAMES, load, make_mocae_folder
 

@@ -8,7 +8,8 @@ from trinityx.errors import TrinityXError
 
 def _commands() -> dict:
     # Imported here so `trinityx --help` stays fast.
-    from trinityx import backbones_cli, bench, bench_inference, bench_serve, chat, export, pipeline, report, serve
+    from trinityx import backbones_cli, bench, bench_inference, bench_serve, pipeline, report
+    from trinityx.apps import chat, export, serve
     from trinityx.eval import evaluate
     from trinityx.eval.judges import cli as judges_cli
     from trinityx.train import experts, router
