@@ -63,7 +63,7 @@ def test_an_unwritable_out_is_refused_before_any_work(command, tiny_backbone, da
     def no_work(*args, **kwargs):
         raise AssertionError("work started before --out was checked")
 
-    for module in ("train.experts", "pipeline", "infer.systems", "apps.export"):
+    for module in ("train.experts", "experiment.pipeline", "infer.systems", "apps.export"):
         monkeypatch.setattr(f"trinityx.{module}.load_backbone", no_work)
     monkeypatch.setattr("trinityx.backbones.load_backbone", no_work)
     (tmp_path / "a-file").write_text("")

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from trinityx import pipeline
 from trinityx.cli import main
 from trinityx.errors import TrinityXError
 from trinityx.eval.judges import Judge
+from trinityx.experiment import pipeline
 from trinityx.train.loop import TrainConfig
 
 

@@ -8,10 +8,11 @@ from trinityx.errors import TrinityXError
 
 def _commands() -> dict:
     # Imported here so `trinityx --help` stays fast.
-    from trinityx import backbones_cli, bench, bench_inference, bench_serve, pipeline, report
+    from trinityx import backbones_cli, bench, bench_inference, bench_serve
     from trinityx.apps import chat, export, serve
     from trinityx.eval import evaluate
     from trinityx.eval.judges import cli as judges_cli
+    from trinityx.experiment import pipeline, report
     from trinityx.train import experts, router
 
     return {

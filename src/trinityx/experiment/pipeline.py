@@ -688,7 +688,7 @@ def paired_results(run: Run) -> dict:
 
 
 def stage_report(run: Run, data_dir: Path) -> dict:
-    from trinityx.report import render_report
+    from trinityx.experiment.report import render_report
 
     # The report stage's own time is not known yet; results.json records every stage before it.
     write_json(run.dir / "results.json", collect_results(run))
