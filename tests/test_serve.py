@@ -313,7 +313,7 @@ def test_chat_core(folder, tiny_backbone):
 
 
 def test_bench_serve_runs_and_batching_changes_nothing(folder, capsys):
-    from trinityx.bench_serve import BenchServeConfig, bench_serve
+    from trinityx.bench.serve import BenchServeConfig, bench_serve
 
     result = bench_serve(BenchServeConfig(run=folder, clients=3, requests=6, max_tokens=4, overload_clients=8,
                                           overload_queue=1, time_limit=60))

@@ -552,7 +552,7 @@ def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) 
 
 def stage_bench(run: Run, data_dir: Path) -> dict:
     """The inference benchmark on this run's experts (base, trinityx, trinityx-token, peft-multi, dense-moe, xlora)."""
-    from trinityx.bench_inference import BenchInferenceConfig, bench_inference
+    from trinityx.bench.inference import BenchInferenceConfig, bench_inference
 
     cfg = run.cfg
     result = bench_inference(BenchInferenceConfig(backbone=cfg.backbone, experts=str(run.dir / "experts"),

@@ -29,7 +29,7 @@ from torch import nn
 
 from trinityx.apps.serve import ServeConfig, Served, ServerThread, build_app, load_served
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
-from trinityx.bench_inference import percentile
+from trinityx.bench.inference import percentile
 from trinityx.errors import TrinityXError
 from trinityx.infer.engine import Engine
 from trinityx.lora.adapters import lora_config, write_weights

@@ -1,6 +1,6 @@
 """`trinityx bench train`: expert-training throughput against the plain Hugging Face Trainer + PEFT.
 
-(`trinityx bench inference` is `bench_inference.py`, `trinityx bench serve` is `bench_serve.py`, each with its own
+(`trinityx bench inference` is `bench/inference.py`, `trinityx bench serve` is `bench/serve.py`, each with its own
 config.)
 
 Both run in this one process on the same backbone, data, LoRA shape, batch and sequence length. Throughput
