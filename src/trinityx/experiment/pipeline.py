@@ -86,7 +86,8 @@ class PipelineConfig:
     judges_dir: Path | None = None
     """Trained judges (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges); missing ones are trained."""
     judge_recipe: str = "default"
-    """Recipe of the judges (eval.judges.train.RECIPES); missing judges or judges of another recipe are retrained."""
+    """Recipe of the judges (trinityx.eval.judges.train.RECIPES); missing judges or judges of another recipe are
+    retrained."""
     eval_limit: int | None = 24
     """Items per axis (first N of each evaluation set); None evaluates all 400/140/299."""
     eval_mc_limit: int | None = None
@@ -417,7 +418,8 @@ def _judges_changed(recorded: dict) -> list[Path]:
 
 
 RUN_JUDGES = ("helpful", "harm", "truth", "info")
-"""The judges a run trains (when missing or stale) and loads, in this order: every kind of eval.judges.KINDS."""
+"""The judges a run trains (when missing or stale) and loads, in this order: every kind of
+trinityx.eval.judges.KINDS."""
 
 
 def eval_file(run_dir: Path, system: str) -> Path:

@@ -11,7 +11,7 @@ from trinityx.paths import check_writable
 
 @dataclass
 class TrainJudgesConfig:
-    """Train the local judges by a recipe (judges.train.RECIPES) and measure their validity on held-out data."""
+    """Train the local judges by a recipe (trinityx.eval.judges.train.RECIPES) and measure their held-out validity."""
 
     out: Path | None = None
     """Judges folder (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges, where `evaluate` and `run` look; a
