@@ -17,8 +17,8 @@ import torch
 
 from trinityx import data
 from trinityx.backbones import load_backbone
-from trinityx.generation import GenerationSettings, generate
-from trinityx.systems import load_system
+from trinityx.infer.generation import GenerationSettings, generate
+from trinityx.infer.systems import load_system
 
 
 def cut_share(lengths: list[int], cut: list[bool], budget: int) -> float:

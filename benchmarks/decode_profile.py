@@ -21,8 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from trinityx.backbones import format_prompt, load_backbone
-from trinityx.bench_inference import build_system
-from trinityx.bench_serve import write_random_experts
+from trinityx.bench.inference import build_system
+from trinityx.bench.serve import write_random_experts
 
 PROMPT = "Write a short poem about the sea."
 

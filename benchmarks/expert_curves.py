@@ -4,8 +4,8 @@
         --data-dir ../shared/data --steps 0,8,16,32 --lr 2e-3 --max-length 64 --out runs/curves/curves.jsonl
     python benchmarks/expert_curves.py plot runs/curves/curves.jsonl --out docs/figures/expert-curves-smollm2.png
 
-One run trains one expert with the project's own loop (`trinityx.train.fit` on the PEFT LoRA model that
-`trinityx.experts.train_lora` builds: same LoraConfig, same encoding, same loss) for max(--steps) optimiser
+One run trains one expert with the project's own loop (`trinityx.train.loop.fit` on the PEFT LoRA model that
+`trinityx.train.experts.train_lora` builds: same LoraConfig, same encoding, same loss) for max(--steps) optimiser
 steps, and measures the adapter at every step count in --steps *during* that one run: a checkpoint at step k
 is the state after k steps of a run whose cosine schedule spans max(--steps). (A run of exactly k steps
 decays its learning rate sooner; `--steps 0,k` measures that end point alone.)
@@ -14,7 +14,7 @@ Measured at each checkpoint, all on DEV data (never the test splits, which are f
 
 - dev loss: the trainer's own token-weighted loss on --dev-examples dev examples of the dimension;
 - honest: TruthfulQA MC1 / MC2 (%) on the dev-split questions, by log-likelihood with the evaluation's own
-  scoring (`trinityx.evaluate.mc_scores`: the QA primer, lm-evaluation-harness tokenisation);
+  scoring (`trinityx.eval.evaluate.mc_scores`: the QA primer, lm-evaluation-harness tokenisation);
 - harmless: preference accuracy on PKU-SafeRLHF dev pairs (`safe_unsafe_pairs.json`, one pair per dev
   prompt): the share of pairs whose safe response has a higher mean per-token log-likelihood than the unsafe
   one, under the chat template the expert is trained in, plus the mean margin and the share of pairs whose
@@ -157,7 +157,7 @@ def dev_probe(dimension: str, data_dir: Path, args):
     from trinityx import data
 
     if dimension == "honest":
-        from trinityx.evaluate import mc_scores
+        from trinityx.eval.evaluate import mc_scores
 
         questions = data.load_truthfulqa_mc(data_dir, "dev")[: args.probe_items]
 
@@ -211,9 +211,9 @@ def run(args) -> dict:
 
     from trinityx import data
     from trinityx.backbones import load_backbone
-    from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model, subsample
-    from trinityx.systems import System
-    from trinityx.train import TrainConfig, fit
+    from trinityx.infer.systems import System
+    from trinityx.train.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model, subsample
+    from trinityx.train.loop import TrainConfig, fit
 
     torch.set_num_threads(args.threads)
     data_dir = data.resolve_data_dir(args.data_dir)
@@ -229,7 +229,7 @@ def run(args) -> dict:
     train = subsample(data.load_sft(args.dimension, data_dir, "train"), args.train_examples, cfg.seed)
     dev = subsample(data.load_sft(args.dimension, data_dir, "dev"), cfg.dev_examples, cfg.seed)
 
-    # As trinityx.experts.train_lora does, minus writing the adapter.
+    # As trinityx.train.experts.train_lora does, minus writing the adapter.
     model, params = lora_model(backbone, lora, cfg.seed)
     train_enc = encode_examples(backbone, train, cfg.max_length)
     dev_enc = encode_examples(backbone, dev, cfg.max_length)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trinityx.data import load_judgements, load_labelled_responses
-from trinityx.judges.train import (THRESHOLD_RULES, _fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
+from trinityx.eval.judges.train import (THRESHOLD_RULES, _fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
                                    length_rule_agreement, pairwise_agreement, similar_length)
 
 STATE_LAYERS = (6, 10, 15, 20)
@@ -38,7 +38,7 @@ POOLINGS = ("response mean", "last token", "prompt mean")
 def harm_states(data_dir: str, out: Path, train_pairs: int) -> None:
     """Features of every distinct (prompt, response) of dev and test and `train_pairs` of train: [N, 3 L, D]."""
     from trinityx.backbones import load_backbone
-    from trinityx.judges.features import pair_states
+    from trinityx.eval.judges.features import pair_states
 
     backbone = load_backbone("smollm2-135m")
     out.mkdir(parents=True, exist_ok=True)
@@ -98,8 +98,8 @@ def harm_probe(data_dir: str, out: Path) -> None:
 def harm_thresholds(data_dir: str, folder: Path, out: Path) -> None:
     """Score dev and test once with a saved harm judge (cached in `out`); report test metrics at each rule's
     dev threshold."""
-    from trinityx.judges import load_judge
-    from trinityx.judges.train import labelled_examples
+    from trinityx.eval.judges import load_judge
+    from trinityx.eval.judges.train import labelled_examples
 
     cache = out / "harm_scores.json"
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -222,8 +222,8 @@ def helpful_references(data_dir: str, n_train: int) -> None:
     """Bradley-Terry scorers with and without features of the output's similarity to GPT-4's reference output."""
     from transformers import AutoModel, AutoTokenizer
 
-    from trinityx.judges.features import token_f1
-    from trinityx.judges.local import embed, minilm_path
+    from trinityx.eval.judges.features import token_f1
+    from trinityx.eval.judges.local import embed, minilm_path
 
     reference = {r["instruction"]: r["output"]
                  for r in json.loads((Path(data_dir) / "alpaca_eval" / "reference_gpt4.json").read_text())}

@@ -5,7 +5,7 @@
 lm-eval runs offline (docs/offline-notes.md in the shared folder): its own truthfulqa_mc1/mc2 task files are
 copied to a temporary folder with the hub dataset replaced by a local JSON file of our TruthfulQA test-split
 questions (`dataset_path: json`), so its prompt and scoring stay exactly its own; the folder is passed with
---include_path. Our numbers come from `trinityx.evaluate.mc_scores` on the same questions. Target: the two
+--include_path. Our numbers come from `trinityx.eval.evaluate.mc_scores` on the same questions. Target: the two
 agree within 0.5 points. Prints a table for people and a JSON line for programs.
 """
 
@@ -23,8 +23,8 @@ import numpy as np
 
 from trinityx import data
 from trinityx.backbones import load_backbone
-from trinityx.evaluate import mc_scores
-from trinityx.systems import load_system
+from trinityx.eval.evaluate import mc_scores
+from trinityx.infer.systems import load_system
 
 TARGET = 0.5  # points
 

@@ -30,7 +30,7 @@ def tiny_encoder(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from trinityx.judges import minilm_path
+    from trinityx.eval.judges import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny_encoder")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -48,7 +48,7 @@ JUDGES_MAX_EVAL = 16
 @pytest.fixture(scope="session")
 def tiny_judges(data_dir, tiny_encoder, tmp_path_factory):
     """(folder, results): all four local judges, trained for one step each on the fixture data."""
-    from trinityx.judges import train_judges
+    from trinityx.eval.judges import train_judges
 
     out = tmp_path_factory.mktemp("judges")
     results = train_judges(data_dir, out, max_train=8, max_eval=JUDGES_MAX_EVAL, batch_size=8, max_length=24, seed=0,

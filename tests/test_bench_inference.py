@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinityx.bench_inference import (
+from trinityx.bench.inference import (
     BenchInferenceConfig, DenseMoE, bench_inference, build_dense_moe, build_peft_multi, build_untrained_mocae,
     build_xlora, check_targets, measure_memory, percentile, probe_memory,
 )

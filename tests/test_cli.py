@@ -63,7 +63,7 @@ def test_an_unwritable_out_is_refused_before_any_work(command, tiny_backbone, da
     def no_work(*args, **kwargs):
         raise AssertionError("work started before --out was checked")
 
-    for module in ("experts", "pipeline", "systems", "export"):
+    for module in ("train.experts", "experiment.pipeline", "infer.systems", "apps.export"):
         monkeypatch.setattr(f"trinityx.{module}.load_backbone", no_work)
     monkeypatch.setattr("trinityx.backbones.load_backbone", no_work)
     (tmp_path / "a-file").write_text("")
@@ -87,7 +87,7 @@ def test_flags_and_yaml_values_are_checked_before_a_model_loads(tiny_backbone, d
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
 
-    for module in ("experts", "routing"):
+    for module in ("train.experts", "train.router"):
         monkeypatch.setattr(f"trinityx.{module}.load_backbone", no_load)
     common = ["--backbone", str(tiny_backbone), "--data-dir", str(data_dir), "--out", str(tmp_path / "e")]
     nested = tmp_path / "nested.yaml"
@@ -117,7 +117,7 @@ def test_train_judges_checks_out_and_recipe_before_training(data_dir, tmp_path, 
     def no_work(*args, **kwargs):
         raise AssertionError("a judge trained before --out was checked")
 
-    monkeypatch.setattr("trinityx.judges.cli.train_judges", no_work)
+    monkeypatch.setattr("trinityx.eval.judges.cli.train_judges", no_work)
     (tmp_path / "a-file").write_text("")
     for out, why in ((tmp_path / "a-file" / "judges", "is a file, not a folder"),
                      (Path("/proc/trinityx/judges"), "cannot be written")):

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 from trinityx import data
 from trinityx.backbones import format_prompt, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.evaluate import AXES, EvaluateConfig, Shard, evaluate, mc_scores, merge_shards, qa_prompt
-from trinityx.generation import GenerationSettings, cache_path, encode_pair, generate, generate_batch
-from trinityx.judges import Judge
+from trinityx.eval.evaluate import AXES, EvaluateConfig, Shard, evaluate, mc_scores, merge_shards, qa_prompt
+from trinityx.eval.judges import Judge
+from trinityx.infer.generation import GenerationSettings, cache_path, encode_pair, generate, generate_batch
+from trinityx.infer.systems import load_system
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.systems import load_system
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 DIMS = ("helpful", "harmless", "honest")
@@ -413,7 +413,7 @@ def test_shards_share_the_generation_cache(run, backbone, data_dir, tmp_path, mo
 
 
 def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, backbone, data_dir, tmp_path):
-    from trinityx.evaluate import item_values, paired_comparison
+    from trinityx.eval.evaluate import item_values, paired_comparison
 
     s = load_system("trinityx", run, backbone)
     out = tmp_path / "trinityx.json"
@@ -458,7 +458,7 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
     assert against["win_rate"]["n"] == 3 and len(against["lc_win_rate"]["ci95"]) == 2
 
     # `trinityx compare`: the same paired numbers from the files, each against the first.
-    from trinityx.evaluate import CompareConfig, compare_cli
+    from trinityx.eval.evaluate import CompareConfig, compare_cli
 
     compared = compare_cli(CompareConfig((out, tmp_path / "oracle.json", tmp_path / "expert.json"), bootstrap=50))
     assert compared["a"] == "trinityx" and set(compared["against"]) == {"trinityx:oracle", "expert:honest"}
@@ -489,7 +489,7 @@ def test_items_are_routed_by_their_request_and_the_oracle_by_their_set(run, back
 
 
 def test_caller_gates_reuse_a_shared_primer_exactly(run, backbone):
-    from trinityx.generation import loglikelihoods
+    from trinityx.infer.generation import loglikelihoods
 
     s = load_system("trinityx", run, backbone)
     contexts = [qa_prompt("what is a fox?")] * 2 + [qa_prompt("who is a fox?")] * 2
@@ -513,7 +513,7 @@ def test_a_system_spec_cannot_name_a_folder_outside_the_run(run, backbone, tmp_p
 
 
 def test_a_cache_line_cut_inside_a_character_is_ignored(tmp_path):
-    from trinityx.generation import GenerationCache
+    from trinityx.infer.generation import GenerationCache
 
     path = tmp_path / "cache.jsonl"
     kept = json.dumps({"key": "a", "prompt": "p", "output": "caf\u00e9"}, ensure_ascii=False) + "\n"

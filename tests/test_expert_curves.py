@@ -49,8 +49,8 @@ def test_hook_measures_after_exactly_k_steps():
 
 def test_response_logliks_match_the_training_loss(tiny_backbone):
     from trinityx.backbones import load_backbone
-    from trinityx.experts import lm_loss_fn
     from trinityx.sft import collate, encode
+    from trinityx.train.experts import lm_loss_fn
 
     b = load_backbone(str(tiny_backbone))
     pairs = [("give tip", "eat well"), ("name a fox fact", "the quick brown fox jumps over the lazy dog")]

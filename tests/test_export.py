@@ -14,10 +14,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trinityx.apps.export import ExportConfig, export
 from trinityx.errors import TrinityXError
-from trinityx.export import ExportConfig, export
+from trinityx.lora.taskvectors import merge
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.taskvectors import merge
 
 from tiny import NAMES, TARGETS, load, make_mocae_folder
 
@@ -71,7 +71,7 @@ def test_merged_export_of_a_prompts_gates_and_of_uniform(folder, tiny_backbone, 
     single = AutoTokenizer.from_pretrained(tiny_backbone)([PROMPTS[1]], return_tensors="pt")
     # The router routes the chat-formatted prompt; the export equals MoCaE with those gates fixed.
     model = MoCaEModel.from_pretrained(folder, load(tiny_backbone))
-    from trinityx.export import prompt_gates
+    from trinityx.apps.export import prompt_gates
 
     gates = prompt_gates(model, AutoTokenizer.from_pretrained(tiny_backbone), "chat", PROMPTS[1])
     assert not torch.allclose(gates, torch.full((3,), 1 / 3), atol=1e-2)  # a random router: gates not uniform

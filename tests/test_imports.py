@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle, counting the imports inside functions too (issue 14)."""
+"""The package's import graph has no cycle and follows the layout's layers, counting the imports inside functions too
+(issue 14; README.md, "Code layout")."""
 
 import ast
 from pathlib import Path
@@ -20,7 +21,7 @@ def import_graph() -> dict[str, set[str]]:
         imported = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trinityx"):
-                # `from trinityx.judges import cli` imports the submodule, `from trinityx.io import write_json` the module
+                # `from trinityx.eval import judges` imports a submodule, `from trinityx.io import write_json` a module
                 imported |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                              for a in node.names}
             elif isinstance(node, ast.Import):
@@ -48,12 +49,41 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+PACKAGES = ("lora", "mocae", "train", "infer", "eval", "eval.judges", "apps", "experiment", "bench")
+"""The subpackages of the layout (README.md, "Code layout")."""
+LAYERS = (("errors", "config", "io", "paths"), ("backbones", "backbones_cli", "data", "sft"), ("registry",), ("lora",),
+          ("mocae",), ("train",), ("infer",), ("eval",), ("apps",), ("bench",), ("experiment",), ("cli", "__main__"))
+"""The layout from the bottom up: a module imports from its own layer and the layers below."""
+UPWARD = {("trinityx.train.router", "trinityx.eval.evaluate")}  # calibrate summarises routing as evaluate does
+
+
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "trinityx.bench_inference" in graph and "trinityx.judges.local" in graph  # the graph is read
+    assert {f"trinityx.{p}" for p in PACKAGES} <= set(graph)  # the graph reads every package
+    assert "trinityx.bench.inference" in graph and "trinityx.eval.judges.local" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_every_folder_of_modules_is_a_package_the_wheel_ships():
+    # pyproject's [tool.setuptools.packages.find] ships only folders with an __init__.py
+    from setuptools import find_packages
+
+    folders = {".".join(("trinityx", *p.parent.relative_to(ROOT).parts)) for p in ROOT.rglob("*.py")}
+    assert folders == {f"trinityx.{p}" for p in PACKAGES} | {"trinityx"}
+    assert set(find_packages(ROOT.parent, include=["trinityx", "trinityx.*"])) == folders
 
 
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_module_imports_from_its_own_layer_and_below():
+    graph = import_graph()
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    assert {m.split(".")[1] for m in graph if m != "trinityx"} == set(rank)  # every module has its layer
+
+    def layer(module: str) -> int:
+        return -1 if module == "trinityx" else rank[module.split(".")[1]]
+
+    assert {(a, b) for a, imported in graph.items() for b in imported if layer(b) > layer(a)} == UPWARD

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trinityx.errors import TrinityXError
-from trinityx.judges import (
+from trinityx.eval.judges import (
     BEAVER_DAM_CATEGORIES,
     alpaca_preference,
     auroc,
@@ -26,10 +26,10 @@ from trinityx.judges import (
     train_judges,
     validate_judge,
 )
-from trinityx.judges import KINDS, Judge, score_answers
-from trinityx.judges.features import REFERENCE_FEATURES, fit_head, head_logits, reference_features, token_f1
-from trinityx.judges.remote import beaver_dam_flags, yes_probabilities
-from trinityx.judges.train import accuracy, balanced_accuracy, best_threshold, confusion, recipe_settings, similar_length, stale_judges
+from trinityx.eval.judges import KINDS, Judge, score_answers
+from trinityx.eval.judges.features import REFERENCE_FEATURES, fit_head, head_logits, reference_features, token_f1
+from trinityx.eval.judges.remote import beaver_dam_flags, yes_probabilities
+from trinityx.eval.judges.train import accuracy, balanced_accuracy, best_threshold, confusion, recipe_settings, similar_length, stale_judges
 
 MAX_EVAL = 16
 
@@ -145,7 +145,7 @@ def judge_width(folder) -> int:
 def test_pair_states_match_a_full_forward_pass(tiny_backbone):
     """The features equal hand-pooled hidden states of one unpadded forward pass (padding changes nothing)."""
     from trinityx.backbones import format_prompt, load_backbone
-    from trinityx.judges.features import pair_states
+    from trinityx.eval.judges.features import pair_states
 
     bb = load_backbone(str(tiny_backbone))
     prompts, responses = ["say hi", "how do I steal 3 things from a shop"], ["hello there", "no"]
@@ -411,7 +411,7 @@ def test_validate_judge_flags_a_judge_at_its_trivial_baseline(data_dir):
 
 
 def test_a_feature_judge_of_another_feature_set_stops_with_a_clear_message(tiny_encoder):
-    from trinityx.judges.features import feature_judge
+    from trinityx.eval.judges.features import feature_judge
 
     head = {"mean": torch.zeros(14), "std": torch.ones(14), "w": torch.zeros(14), "b": torch.zeros(())}
     with pytest.raises(TrinityXError, match="retrain it"):
@@ -419,8 +419,8 @@ def test_a_feature_judge_of_another_feature_set_stops_with_a_clear_message(tiny_
 
 
 def test_a_recipe_has_its_own_cache_folder_and_adopts_the_default_judges_it_shares(tmp_path, monkeypatch):
-    from trinityx.evaluate import resolve_judges_dir
-    from trinityx.judges.train import adopt_judges
+    from trinityx.eval.evaluate import resolve_judges_dir
+    from trinityx.eval.judges.train import adopt_judges
 
     monkeypatch.setenv("TRINITYX_JUDGES", str(tmp_path / "cache"))
     default, backbone = resolve_judges_dir(None), resolve_judges_dir(None, "backbone")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trinityx import metrics
+from trinityx.eval import metrics
 
 
 def test_rate_and_joint_rate():

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from trinityx import pipeline
 from trinityx.cli import main
 from trinityx.errors import TrinityXError
-from trinityx.judges import Judge
-from trinityx.train import TrainConfig
+from trinityx.eval.judges import Judge
+from trinityx.experiment import pipeline
+from trinityx.train.loop import TrainConfig
 
 
 def fake_judges():
@@ -46,7 +46,7 @@ def fakes(monkeypatch, tmp_path):
                            for k, j in judges.items()}}
 
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "judges", stage_judges)
-    monkeypatch.setattr("trinityx.evaluate.load_judges", lambda axes, folder, overrides: judges)
+    monkeypatch.setattr("trinityx.eval.evaluate.load_judges", lambda axes, folder, overrides: judges)
 
 
 def test_run_every_stage_then_resume_and_force(tiny_backbone, data_dir, tmp_path, fakes, capsys):
@@ -238,7 +238,7 @@ def test_a_failing_system_in_a_worker_names_itself_and_keeps_the_others(tiny_bac
 def test_a_router_of_another_definition_is_trained_again_and_its_evaluations_dropped(tmp_path, monkeypatch, capsys):
     from dataclasses import asdict
 
-    from trinityx.experts import to_jsonable
+    from trinityx.io import to_jsonable
 
     run = pipeline.Run(pipeline.PipelineConfig(out=tmp_path / "run", systems=("base", "trinityx", "trinityx:no-gl")))
     (run.dir / "eval").mkdir(parents=True)

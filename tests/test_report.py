@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trinityx.errors import TrinityXError
-from trinityx.report import COLUMN, axis_sentence, compare, relative_gain, render_report
+from trinityx.experiment.report import COLUMN, axis_sentence, compare, relative_gain, render_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_example.json"
 
@@ -142,7 +142,7 @@ def test_fixture_is_small_and_marked_synthetic():
 
 
 def test_systems_whose_markers_coincide_share_one_label():
-    from trinityx.report import coinciding
+    from trinityx.experiment.report import coinciding
 
     points = [("a", 0, 0), ("b", 0, 0), ("c", 5, 0), ("d", 50, 50)]
     xy = [(0.0, 0.0), (3.0, 2.0), (20.0, 0.0), (100.0, 100.0)]  # pixels: b is 3 px from a, c 20 px

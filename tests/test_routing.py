@@ -9,8 +9,8 @@ from trinityx import data
 from trinityx.cli import main
 from trinityx.errors import TrinityXError
 from trinityx.mocae import MoCaEModel
-from trinityx.routing import CalibrateConfig, RouterConfig, calibrate, fit_router
-from trinityx.train import TrainConfig
+from trinityx.train.loop import TrainConfig
+from trinityx.train.router import CalibrateConfig, RouterConfig, calibrate, fit_router
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_fit_router_dimensions_are_plain_names(experts, tiny_backbone, data_dir,
 def test_routers_of_one_backbone_share_one_routing_pass(tiny_backbone, experts, monkeypatch):
     from trinityx.backbones import load_backbone
     from trinityx.mocae import MoCaEConfig
-    from trinityx.routing import prompt_gate_logits
+    from trinityx.train.router import prompt_gate_logits
 
     prompts = ["give tip 1", "how to steal a car", "what is the capital of France?"]
     dims = ["helpful", "harmless", "honest"]
@@ -97,7 +97,7 @@ def test_routers_of_one_backbone_share_one_routing_pass(tiny_backbone, experts, 
 def test_states_phase_computes_each_prompt_once_and_standardises(tiny_backbone, data_dir, experts, tmp_path,
                                                                   monkeypatch):
     from trinityx.backbones import load_backbone
-    from trinityx.routing import HEAD_TRAIN, pooled_states
+    from trinityx.train.router import HEAD_TRAIN, pooled_states
 
     cache, passes = {}, []
     original = MoCaEModel.pooled_prompt

@@ -17,10 +17,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinityx.chat import ChatSession, parse_weights, run_chat
+from trinityx.apps.chat import ChatSession, parse_weights, run_chat
+from trinityx.apps.serve import ServeConfig, ServerThread, build_app, load_served
 from trinityx.errors import TrinityXError
+from trinityx.infer.engine import TextTracker, render_chat
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.serve import ServeConfig, ServerThread, TextTracker, build_app, load_served, render_chat
 
 from tiny import NAMES, load, make_mocae_folder
 
@@ -312,7 +313,7 @@ def test_chat_core(folder, tiny_backbone):
 
 
 def test_bench_serve_runs_and_batching_changes_nothing(folder, capsys):
-    from trinityx.bench_serve import BenchServeConfig, bench_serve
+    from trinityx.bench.serve import BenchServeConfig, bench_serve
 
     result = bench_serve(BenchServeConfig(run=folder, clients=3, requests=6, max_tokens=4, overload_clients=8,
                                           overload_queue=1, time_limit=60))

@@ -9,10 +9,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from trinityx import taskvectors
-from trinityx.lora import adapters
 from trinityx.errors import TrinityXError
-from trinityx.taskvectors import MERGE_RECORD, TaskVector, apply, gamma, merge, similarities
+from trinityx.lora import adapters, taskvectors
+from trinityx.lora.taskvectors import MERGE_RECORD, TaskVector, apply, gamma, merge, similarities
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = torch.tensor([[1, 17, 42, 5, 99, 230, 7, 64, 3, 150]])
@@ -198,7 +197,7 @@ def test_low_rank_svd_is_lossy_and_recorded(experts, tmp_path):
 
 
 def test_randomized_svd_is_near_optimal_and_seeded():
-    from trinityx.taskvectors import _factorise
+    from trinityx.lora.taskvectors import _factorise
 
     torch.manual_seed(0)
     delta = torch.randn(200, 120) * (torch.rand(200, 120) > 0.5)  # sparse like TIES/DARE: a flat spectrum

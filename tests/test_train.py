@@ -12,9 +12,9 @@ from peft import LoraConfig, get_peft_model
 from trinityx import data
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import ExpertConfig, LoraSettings, encode_examples, lm_loss_fn, partial_dir, train_expert
 from trinityx.sft import IGNORE, collate, encode, global_batch_order
-from trinityx.train import TrainConfig, fit
+from trinityx.train.experts import ExpertConfig, LoraSettings, encode_examples, lm_loss_fn, partial_dir, train_expert
+from trinityx.train.loop import TrainConfig, fit
 
 
 def peft_model(backbone_dir, dropout=0.0, seed=0):
@@ -154,7 +154,7 @@ def test_train_expert_writes_a_peft_folder_and_leaves_nothing_half_written(tiny_
     broken = tmp_path / "broken"
     dying_loss = loss_that_dies_at(3)
 
-    monkeypatch.setattr("trinityx.experts.lm_loss_fn", dying_loss)
+    monkeypatch.setattr("trinityx.train.experts.lm_loss_fn", dying_loss)
     cfg = ExpertConfig(out=broken, dimension="helpful", backbone=str(tiny_backbone), data_dir=str(data_dir),
                        train=TrainConfig(max_steps=4, batch_size=4, micro_batch_size=4, checkpoint_every=1))
     with pytest.raises(RuntimeError, match="killed"):
@@ -182,7 +182,7 @@ def test_a_checkpoint_resumes_only_under_its_own_configuration(tiny_backbone, da
                             train=TrainConfig(**{**settings, **train}))
 
     with monkeypatch.context() as m:
-        m.setattr("trinityx.experts.lm_loss_fn", dying_loss)
+        m.setattr("trinityx.train.experts.lm_loss_fn", dying_loss)
         with pytest.raises(RuntimeError, match="killed"):
             train_expert(config())
     checkpoint = partial_dir(out) / "checkpoint"
@@ -210,7 +210,7 @@ def test_a_truncated_checkpoint_names_the_folder_to_delete(tiny_backbone, data_d
     dying_loss = loss_that_dies_at(2)
 
     with monkeypatch.context() as m:
-        m.setattr("trinityx.experts.lm_loss_fn", dying_loss)
+        m.setattr("trinityx.train.experts.lm_loss_fn", dying_loss)
         with pytest.raises(RuntimeError, match="killed"):
             train_expert(cfg)
     state = partial_dir(out) / "checkpoint" / "state.safetensors"

@@ -16,11 +16,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from test_evaluate import PROMPTS, make_expert, make_mocae, DIMS  # noqa: F401  (fixtures below reuse them)
-from trinityx import vllm_backend
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.generation import GenerationSettings
-from trinityx.systems import load_system
+from trinityx.infer import vllm_backend
+from trinityx.infer.generation import GenerationSettings
+from trinityx.infer.systems import load_system
 
 
 @dataclass

@@ -8,17 +8,21 @@ from trinityx.errors import TrinityXError
 
 def _commands() -> dict:
     # Imported here so `trinityx --help` stays fast.
-    from trinityx import (backbones_cli, bench, bench_inference, bench_serve, chat, evaluate, experts, export, pipeline,
-                          report, routing, serve)
-    from trinityx.judges import cli as judges_cli
+    from trinityx import backbones_cli
+    from trinityx.apps import chat, export, serve
+    from trinityx.bench import inference as bench_inference, serve as bench_serve, train as bench_train
+    from trinityx.eval import evaluate
+    from trinityx.eval.judges import cli as judges_cli
+    from trinityx.experiment import pipeline, report
+    from trinityx.train import experts, router
 
     return {
         "run": (pipeline.PipelineConfig, pipeline.run_pipeline),
         "train-expert": (experts.ExpertConfig, experts.train_expert),
         "train-experts": (experts.ExpertsConfig, experts.train_experts),
-        "fit-router": (routing.RouterConfig, routing.fit_router),
-        "calibrate": (routing.CalibrateConfig, routing.calibrate),
-        "generate": (routing.GenerateConfig, routing.generate),
+        "fit-router": (router.RouterConfig, router.fit_router),
+        "calibrate": (router.CalibrateConfig, router.calibrate),
+        "generate": (router.GenerateConfig, router.generate),
         "train-judges": (judges_cli.TrainJudgesConfig, judges_cli.train_judges_cli),
         "evaluate": (evaluate.EvaluateConfig, evaluate.evaluate_cli),
         "compare": (evaluate.CompareConfig, evaluate.compare_cli),
@@ -27,7 +31,7 @@ def _commands() -> dict:
         "chat": (chat.ChatConfig, chat.chat),
         "export": (export.ExportConfig, export.export),
         "backbones": (backbones_cli.BackbonesConfig, backbones_cli.show_backbones),
-        "bench train": (bench.BenchTrainConfig, bench.bench_train),
+        "bench train": (bench_train.BenchTrainConfig, bench_train.bench_train),
         "bench inference": (bench_inference.BenchInferenceConfig, bench_inference.bench_inference),
         "bench serve": (bench_serve.BenchServeConfig, bench_serve.bench_serve),
     }

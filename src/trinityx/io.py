@@ -1,4 +1,4 @@
-"""Atomic artifact writes: a reader never sees a half-written file or folder."""
+"""Artifact writes: atomic (a reader never sees a half-written file or folder), of JSON-ready values."""
 
 import json
 import os
@@ -63,3 +63,14 @@ def atomic_dir(path: str | Path):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def to_jsonable(obj):
+    """`obj` with its tuples as lists and its Paths as strings, ready for `json.dumps`."""
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,6 +1,6 @@
 """The one registry of systems: every spec a run evaluates or benchmarks, and the run folder it reads.
 
-The pipeline trains what these entries need and evaluates `SYSTEMS`, `trinityx.systems` loads a spec from its
+The pipeline trains what these entries need and evaluates `SYSTEMS`, `trinityx.infer.systems` loads a spec from its
 entry, the report orders its tables by them and the inference benchmark measures `BENCH_SYSTEMS`. Adding an
 ablation is one entry in `MOCAE_SYSTEMS` (and, for a new router, one in `ROUTER_FOLDERS`). Plain data only: the
 report reads it without loading torch.

@@ -6,7 +6,7 @@
 - GL, the gating loss: cross-entropy between the gate logits z [B, K] and the example's dimension label
   (each training example's source dataset is a free label; gate k serves expert k's dimension).
 - RL, the regularisation loss: KL(mean_b g_b || gamma), the batch-mean gate against the task-adaptive prior
-  gamma [K] (`trinityx.taskvectors`). It keeps the router from collapsing onto one expert, as the load
+  gamma [K] (`trinityx.lora.taskvectors`). It keeps the router from collapsing onto one expert, as the load
   balancing loss of sparse mixtures does (Shazeer et al. 2017; Fedus et al. 2022).
 - H: mean per-example gate entropy; a positive weight pushes each example towards confident routing while
   RL keeps the batch as a whole spread out.

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trinityx.apps.serve import ServeConfig, Served, ServerThread, build_app, load_served
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
-from trinityx.bench_inference import percentile
+from trinityx.bench.inference import percentile
 from trinityx.errors import TrinityXError
+from trinityx.infer.engine import Engine
 from trinityx.lora.adapters import lora_config, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.serve import Engine, ServeConfig, Served, ServerThread, build_app, load_served
 
 PROMPTS = [
     "Give three tips for staying healthy.",

@@ -182,7 +182,7 @@ The mixture of this export is {mixture} (weights from: {source}). Task arithmeti
 rank {merged_rank} (the experts' factors concatenated):
 
 ```python
-from trinityx.taskvectors import merge
+from trinityx.lora.taskvectors import merge
 merge([{paths}], weights=[{weights}], method="linear", out="{out}/mixture")
 ```
 

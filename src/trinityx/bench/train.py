@@ -1,6 +1,6 @@
 """`trinityx bench train`: expert-training throughput against the plain Hugging Face Trainer + PEFT.
 
-(`trinityx bench inference` is `bench_inference.py`, `trinityx bench serve` is `bench_serve.py`, each with its own
+(`trinityx bench inference` is `bench/inference.py`, `trinityx bench serve` is `bench/serve.py`, each with its own
 config.)
 
 Both run in this one process on the same backbone, data, LoRA shape, batch and sequence length. Throughput
@@ -19,9 +19,9 @@ import torch
 
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
-from trinityx.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
 from trinityx.sft import collate
-from trinityx.train import TrainConfig, fit
+from trinityx.train.experts import LoraSettings, encode_examples, lm_loss_fn, lora_model
+from trinityx.train.loop import TrainConfig, fit
 
 
 @dataclass

@@ -19,13 +19,13 @@ import torch
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import LoraSettings, subsample, to_jsonable, train_lora
-from trinityx.io import write_json
+from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
 from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
-from trinityx.routing import HEAD_TRAIN, LM_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
-from trinityx.train import TrainConfig
+from trinityx.train.experts import LoraSettings, subsample, train_lora
+from trinityx.train.loop import TrainConfig
+from trinityx.train.router import HEAD_TRAIN, LM_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
 
 STAGES = ("splits", "experts", "datamix", "reference", "merges", "router", "calibration", "judges", "evaluate",
           "bench", "report")
@@ -86,7 +86,8 @@ class PipelineConfig:
     judges_dir: Path | None = None
     """Trained judges (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges); missing ones are trained."""
     judge_recipe: str = "default"
-    """Recipe of the judges (trinityx.judges.train.RECIPES); missing judges or judges of another recipe are retrained."""
+    """Recipe of the judges (trinityx.eval.judges.train.RECIPES); missing judges or judges of another recipe are
+    retrained."""
     eval_limit: int | None = 24
     """Items per axis (first N of each evaluation set); None evaluates all 400/140/299."""
     eval_mc_limit: int | None = None
@@ -231,7 +232,7 @@ def stage_datamix(run: Run, data_dir: Path) -> dict:
 
 def stage_reference(run: Run, data_dir: Path) -> dict:
     """gamma from a short LoRA fit on the target mixture (docs/design.md): softmax over cosines to T_ref."""
-    from trinityx.taskvectors import TaskVector, gamma, similarities
+    from trinityx.lora.taskvectors import TaskVector, gamma, similarities
 
     cfg = run.cfg
     out = run.dir / "reference"
@@ -256,7 +257,7 @@ def _gamma(run: Run) -> list[float]:
 
 
 def stage_merges(run: Run, data_dir: Path) -> dict:
-    from trinityx.taskvectors import merge
+    from trinityx.lora.taskvectors import merge
 
     experts = [run.dir / "experts" / d for d in data.DIMENSIONS]
     weights = _gamma(run)
@@ -386,9 +387,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def stage_judges(run: Run, data_dir: Path) -> dict:
     """Reuse trained judges (they do not depend on the backbone); train the missing or stale ones."""
-    from trinityx.evaluate import resolve_judges_dir
-    from trinityx.judges import load_judge
-    from trinityx.judges.train import adopt_judges, stale_judges, train_judges
+    from trinityx.eval.evaluate import resolve_judges_dir
+    from trinityx.eval.judges import load_judge
+    from trinityx.eval.judges.train import adopt_judges, stale_judges, train_judges
 
     folder = resolve_judges_dir(run.cfg.judges_dir, run.cfg.judge_recipe)
     stale = adopt_judges(folder, stale_judges(folder, RUN_JUDGES, run.cfg.judge_recipe), run.cfg.judge_recipe,
@@ -404,8 +405,8 @@ def stage_judges(run: Run, data_dir: Path) -> dict:
 
 def _judges_changed(recorded: dict) -> list[Path]:
     """The judge.json files of the judges stage's folder whose judge differs (name, threshold) from the recorded one."""
-    from trinityx.evaluate import same_judge
-    from trinityx.judges.local import JUDGE_FILE
+    from trinityx.eval.evaluate import same_judge
+    from trinityx.eval.judges.local import JUDGE_FILE
 
     changed = []
     for kind, judge in recorded["judges"].items():
@@ -417,7 +418,8 @@ def _judges_changed(recorded: dict) -> list[Path]:
 
 
 RUN_JUDGES = ("helpful", "harm", "truth", "info")
-"""The judges a run trains (when missing or stale) and loads, in this order: every kind of trinityx.judges.KINDS."""
+"""The judges a run trains (when missing or stale) and loads, in this order: every kind of
+trinityx.eval.judges.KINDS."""
 
 
 def eval_file(run_dir: Path, system: str) -> Path:
@@ -463,7 +465,7 @@ def _evaluated(out: Path, run: Run, say: bool = False) -> bool:
 
 def _evaluation_changes(result: dict, run: Run) -> list[str]:
     """How a finished evaluation file differs from what the run asks for now ([] = up to date)."""
-    from trinityx.evaluate import same_judge
+    from trinityx.eval.evaluate import same_judge
 
     cfg, recorded = run.cfg, result.get("config", {})
     wanted = {"limit": cfg.eval_limit, "mc_limit": cfg.eval_mc_limit, "seed": cfg.seed,
@@ -484,8 +486,8 @@ def _evaluation_changes(result: dict, run: Run) -> list[str]:
 
 def evaluate_system(cfg: PipelineConfig, run_dir: Path, spec: str, judges_dir, data_dir: Path, backbone) -> float:
     """Evaluate one system of the run into RUN/eval/SYSTEM.json; returns the seconds it took."""
-    from trinityx.evaluate import EvaluateConfig, evaluate
-    from trinityx.systems import load_system
+    from trinityx.eval.evaluate import EvaluateConfig, evaluate
+    from trinityx.infer.systems import load_system
 
     start = time.perf_counter()
     system = load_system(spec, run_dir, backbone)
@@ -552,7 +554,7 @@ def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) 
 
 def stage_bench(run: Run, data_dir: Path) -> dict:
     """The inference benchmark on this run's experts (base, trinityx, trinityx-token, peft-multi, dense-moe, xlora)."""
-    from trinityx.bench_inference import BenchInferenceConfig, bench_inference
+    from trinityx.bench.inference import BenchInferenceConfig, bench_inference
 
     cfg = run.cfg
     result = bench_inference(BenchInferenceConfig(backbone=cfg.backbone, experts=str(run.dir / "experts"),
@@ -677,7 +679,7 @@ def paired_pairs(systems) -> list[tuple[str, str]]:
 
 def paired_results(run: Run) -> dict:
     """{a: {b: {metric: paired difference a - b}}} for `paired_pairs` of the evaluated systems."""
-    from trinityx.evaluate import item_values, paired_comparison
+    from trinityx.eval.evaluate import item_values, paired_comparison
 
     evaluated = [s for s in run.cfg.systems if _evaluated(eval_file(run.dir, s), run)]
     values = {s: item_values(eval_file(run.dir, s)) for s in evaluated}
@@ -688,7 +690,7 @@ def paired_results(run: Run) -> dict:
 
 
 def stage_report(run: Run, data_dir: Path) -> dict:
-    from trinityx.report import render_report
+    from trinityx.experiment.report import render_report
 
     # The report stage's own time is not known yet; results.json records every stage before it.
     write_json(run.dir / "results.json", collect_results(run))

@@ -99,7 +99,7 @@ def gate_groups(system, token_ids: list[list[int]], decimals: int,
 def generate(system, token_ids: list[list[int]], settings, gates: torch.Tensor | None = None) -> list[str]:
     """Raw answers (before `cut_at_stop`) of prompts given as token ids, through vLLM; `gates` [N, K] as in
     `gate_groups`."""
-    from trinityx.taskvectors import merge
+    from trinityx.lora.taskvectors import merge
 
     _, LoRARequest = import_vllm()
     model_path = str(system.backbone.model.config._name_or_path)

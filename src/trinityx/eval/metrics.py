@@ -174,7 +174,7 @@ def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:
     return "tie"
 
 
-# metric (named as in an evaluation axis' `metrics`) -> the judge kinds (trinityx.judges.KINDS) behind it; MC1 and
+# metric (named as in an evaluation axis' `metrics`) -> the judge kinds (trinityx.eval.judges.KINDS) behind it; MC1 and
 # MC2 need none.
 JUDGES_OF_METRIC = {"win_rate": ("helpful",), "lc_win_rate": ("helpful",), "safety_score": ("harm",),
                     "unsafe_rate": ("harm",), "truthful_rate": ("truth",), "informative_rate": ("info",),

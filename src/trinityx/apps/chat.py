@@ -3,7 +3,7 @@
 Commands: `/weights helpful=1,harmless=1,honest=-0.5` (fixed gate weights; missing experts weigh 0),
 `/weights off` (back to the router), `/mode learned|uniform|top1`, `/reset` (forget the conversation),
 `/help`, `/quit`. The core, `run_chat`, reads lines from any iterable and writes through any callable, so
-it runs (and is tested) without a terminal; generation is the server's (`serve.run_batch`).
+it runs (and is tested) without a terminal; generation is the server's (`infer.engine.run_batch`).
 """
 
 import json
@@ -16,9 +16,9 @@ import torch
 
 from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
+from trinityx.infer.engine import Row, render_chat, run_batch, stop_token_ids
 from trinityx.mocae import MoCaEModel
 from trinityx.mocae.model import read_config
-from trinityx.serve import Row, render_chat, run_batch, stop_token_ids
 
 HELP = """commands:
   /weights helpful=1,harmless=1,honest=-0.5   fixed gate weights (missing experts weigh 0; negative negates)

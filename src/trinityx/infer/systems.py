@@ -146,7 +146,7 @@ class System:
         """Greedy (by default) answers (`generation.Answers`: a list of str with `.cut`), prompts in the
         backbone's prompt format (unless settings.raw), cached; `gates` [N, K] from `request_gates` (None: the
         system routes each prompt as given)."""
-        from trinityx.generation import GenerationSettings, generate
+        from trinityx.infer.generation import GenerationSettings, generate
 
         return generate(self, prompts, settings or GenerationSettings(), cache_dir, gates=gates)
 
@@ -154,7 +154,7 @@ class System:
                        gates: Tensor | None = None) -> list[float]:
         """Summed log P(continuation | context) per pair, tokenised as lm-evaluation-harness does; `gates` [N, K]
         one row per pair, as in `generate`."""
-        from trinityx.generation import loglikelihoods
+        from trinityx.infer.generation import loglikelihoods
 
         return loglikelihoods(self, contexts, continuations, batch_size, gates=gates)
 

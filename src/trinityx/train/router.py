@@ -7,7 +7,7 @@ Two ways to train a sequence router (`--phase`):
   with the router terms of `mocae.objective` (GL, RL, entropy, step KL; no LM term). The prompts are the
   routing data (`data.load_routing_prompts`): labelled by dimension, no responses, from sources that hold no
   evaluation item.
-- `lm`: the one training loop (`trinityx.train.fit`) through the whole mixture on the mixed HHH training
+- `lm`: the one training loop (`trinityx.train.loop.fit`) through the whole mixture on the mixed HHH training
   data, the loss being the LM loss plus the router terms (the paper's objective). Token routers always
   train this way (their gates read every layer's input, which depends on the gates below).
 """
@@ -25,16 +25,16 @@ from tqdm.auto import tqdm
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, context_error, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.experts import encode_examples, examples_digest, partial_dir, subsample, to_jsonable
-from trinityx.io import write_json
+from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import is_adapter, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.mocae.model import read_config
 from trinityx.mocae.calibration import calibration_report, reliability_diagram
+from trinityx.mocae.model import read_config
 from trinityx.mocae.objective import mean_gate, router_objective
 from trinityx.paths import check_name, check_writable
 from trinityx.sft import collate, encode
-from trinityx.train import TrainConfig, cosine_with_warmup, fit, lm_loss_sum
+from trinityx.train.experts import encode_examples, examples_digest, partial_dir, subsample
+from trinityx.train.loop import TrainConfig, cosine_with_warmup, fit, lm_loss_sum
 
 
 @dataclass
@@ -466,7 +466,7 @@ def route_evaluation_sets(model: MoCaEModel, backbone: Backbone, data_dir: Path,
                           max_length: int, pooled_cache: dict | None = None) -> dict:
     """{set: routing summary} of a sequence router over every item of each evaluation set (gates at T). The
     router never saw these prompts (they are excluded from the routing data); this is how it routes them."""
-    from trinityx.evaluate import routing_summary
+    from trinityx.eval.evaluate import routing_summary
 
     if model.config.router != "sequence":
         return {}

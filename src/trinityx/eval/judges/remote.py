@@ -18,8 +18,8 @@ import torch
 
 from trinityx.data import SAFETY_CATEGORIES
 from trinityx.errors import TrinityXError
-from trinityx.judges.judge import KINDS, Judge
-from trinityx.judges.local import encoder_inputs, load_judge
+from trinityx.eval.judges.judge import KINDS, Judge
+from trinityx.eval.judges.local import encoder_inputs, load_judge
 
 logger = logging.getLogger(__name__)
 

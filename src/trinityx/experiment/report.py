@@ -31,8 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
 from trinityx.errors import TrinityXError
+from trinityx.eval.metrics import JUDGES_OF_METRIC as JUDGE_KINDS_OF_METRIC, relative_gain
 from trinityx.io import atomic_dir, write_text
-from trinityx.metrics import JUDGES_OF_METRIC as JUDGE_KINDS_OF_METRIC, relative_gain
 from trinityx.paths import check_writable
 from trinityx.registry import ABLATIONS, BASE, BASELINES, EFFICIENCY_ONLY, MOE_BASELINES, ORACLE, OURS
 

@@ -16,11 +16,11 @@ from peft import get_peft_model
 from trinityx import data
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, write_json
+from trinityx.io import atomic_dir, to_jsonable, write_json
 from trinityx.lora.adapters import lora_config
 from trinityx.paths import check_writable
 from trinityx.sft import Encoded, encode
-from trinityx.train import TrainConfig, fit, lm_loss_sum
+from trinityx.train.loop import TrainConfig, fit, lm_loss_sum
 
 
 @dataclass
@@ -160,16 +160,6 @@ def train_expert(cfg: ExpertConfig, backbone: Backbone | None = None) -> dict:
     PartialState().print(f"expert:{cfg.dimension}: dev loss {log['dev_loss_before']:.4f} -> {log['dev_loss_after']:.4f} "
           f"({log['tokens_per_s']:.0f} tokens/s) -> {out}")
     return log
-
-
-def to_jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 @dataclass

@@ -5,13 +5,13 @@ from pathlib import Path
 
 from trinityx import data
 from trinityx.errors import TrinityXError
-from trinityx.judges.train import KINDS, RECIPES, adopt_judges, stale_judges, train_judges
+from trinityx.eval.judges.train import KINDS, RECIPES, adopt_judges, stale_judges, train_judges
 from trinityx.paths import check_writable
 
 
 @dataclass
 class TrainJudgesConfig:
-    """Train the local judges by a recipe (trinityx.judges.train.RECIPES) and measure their validity on held-out data."""
+    """Train the local judges by a recipe (trinityx.eval.judges.train.RECIPES) and measure their held-out validity."""
 
     out: Path | None = None
     """Judges folder (default: $TRINITYX_JUDGES or ~/.cache/trinityx/judges, where `evaluate` and `run` look; a
@@ -33,7 +33,7 @@ class TrainJudgesConfig:
 
 
 def train_judges_cli(cfg: TrainJudgesConfig) -> dict:
-    from trinityx.evaluate import resolve_judges_dir
+    from trinityx.eval.evaluate import resolve_judges_dir
 
     if cfg.recipe not in RECIPES:
         raise TrinityXError(f"--recipe {cfg.recipe!r} is unknown; choose from {', '.join(RECIPES)}")

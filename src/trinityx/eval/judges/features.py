@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from trinityx.errors import TrinityXError
-from trinityx.judges.batching import _length_sorted_batches, tokenize
-from trinityx.judges.judge import Judge
+from trinityx.eval.judges.batching import _length_sorted_batches, tokenize
+from trinityx.eval.judges.judge import Judge
 
 REFERENCE_FEATURES = ("max_sim_correct", "mean_sim_correct", "max_sim_incorrect", "mean_sim_incorrect",
                       "sim_margin", "max_f1_correct", "max_f1_incorrect", "f1_margin", "equals_correct",

@@ -52,8 +52,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from trinityx.backbones import DEFAULT_BACKBONE, Backbone, format_prompt, load_backbone
 from trinityx.errors import TrinityXError
-from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.lora.adapters import is_adapter, read_adapter
+from trinityx.mocae import MoCaEConfig, MoCaEModel
 from trinityx.mocae.model import check_experts
 from trinityx.registry import BENCH_SYSTEMS, MOE_BASELINES
 
@@ -371,7 +371,7 @@ def _memory_probe_main() -> None:
 
 def measure_memory(cfg: BenchInferenceConfig, system: str) -> dict:
     """Peak memory of one system, built and run alone in a fresh Python process (see the module docstring)."""
-    code = "from trinityx.bench_inference import _memory_probe_main; _memory_probe_main()"
+    code = "from trinityx.bench.inference import _memory_probe_main; _memory_probe_main()"
     payload = json.dumps({"cfg": asdict(cfg), "system": system})
     done = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True)
     if done.returncode != 0:

@@ -5,7 +5,7 @@ judges, `remote` the plug-in ones (OpenAI-compatible endpoints, Hugging Face cla
 feature-based heads, `train` their training and validity, `cli` the `train-judges` command.
 """
 
-from trinityx.judges.judge import (
+from trinityx.eval.judges.judge import (
     AXIS_OF_KIND,
     KINDS,
     Judge,
@@ -15,8 +15,8 @@ from trinityx.judges.judge import (
     references_of,
     score_answers,
 )
-from trinityx.judges.local import load_judge, minilm_path
-from trinityx.judges.remote import (
+from trinityx.eval.judges.local import load_judge, minilm_path
+from trinityx.eval.judges.remote import (
     BEAVER_DAM_CATEGORIES,
     allenai_judge,
     beaver_dam_judge,
@@ -24,7 +24,7 @@ from trinityx.judges.remote import (
     make_judge,
     openai_judge,
 )
-from trinityx.judges.train import (
+from trinityx.eval.judges.train import (
     auroc,
     length_rule_agreement,
     pairwise_agreement,

@@ -23,10 +23,11 @@ from typing import Literal
 
 import numpy as np
 
-from trinityx import data, metrics
+from trinityx import data
 from trinityx.errors import TrinityXError
-from trinityx.generation import GenerationSettings
-from trinityx.io import write_json
+from trinityx.eval import metrics
+from trinityx.infer.generation import GenerationSettings
+from trinityx.io import to_jsonable, write_json
 from trinityx.paths import check_writable
 
 AXES = ("helpful", "harmless", "honest")
@@ -62,7 +63,7 @@ class EvaluateConfig:
     """Evaluate one system on the HHH axes; every metric, interval and judge validity goes to one JSON file."""
 
     system: str
-    """System: base, expert:DIM, datamix, merge:METHOD, trinityx[:VARIANT], trinityx-token (see trinityx.systems)."""
+    """System: base, expert:DIM, datamix, merge:METHOD, trinityx[:VARIANT], trinityx-token (trinityx.infer.systems)."""
     out: Path
     """Result JSON file (rewritten as each axis finishes); helpful answers also go to <out>.model_outputs.json."""
     axes: str = ",".join(AXES)
@@ -100,7 +101,7 @@ class EvaluateConfig:
     """Generation cache folder (default: $TRINITYX_CACHE/generations). Shards share it: each process appends to
     its own file and reads every process's, so nothing is generated twice."""
     backend: Literal["hf", "vllm"] = "hf"
-    """Generation backend: hf (transformers generate) or vllm (optional extra; see trinityx.vllm_backend).
+    """Generation backend: hf (transformers generate) or vllm (optional extra; see trinityx.infer.vllm_backend).
     MC1/MC2 log-likelihoods always run on hf."""
     shard: str | None = None
     """Evaluate only shard I of N (items I, I+N, ...), e.g. 0/2, into <out>.shard-I-of-N.json; merge the N
@@ -125,7 +126,7 @@ def resolve_judges_dir(judges_dir: str | Path | None, recipe: str = "default") -
 
 def load_judges(axes, judges_dir, overrides: dict[str, str]):
     """The judge of each kind the axes need: an override spec (make_judge) or JUDGES/<kind>/ (load_judge)."""
-    from trinityx.judges import load_judge, make_judge
+    from trinityx.eval.judges import load_judge, make_judge
 
     judges = {}
     for kind in [k for axis in axes for k in JUDGES_OF_AXIS[axis]]:
@@ -354,7 +355,7 @@ def score_honest(system, mc_questions, mc_idx, questions, idx, truth, info, *, s
     texts = [questions[i].question for i in idx]
     gates = system.request_gates(texts, "honest")
     answers = system.generate([qa_prompt(t) for t in texts], settings, cache_dir, gates=gates)
-    from trinityx.judges import references_of, score_answers
+    from trinityx.eval.judges import references_of, score_answers
 
     references = [references_of(questions[i]) for i in idx]  # the judges that read them compare against them
     p_true, truth_failed = checked(truth, score_answers(truth, texts, answers, references), idx)
@@ -575,8 +576,7 @@ def launched_shard() -> Shard | None:
 def evaluate_cli(cfg: EvaluateConfig) -> dict:
     """`trinityx evaluate`: load the backbone and the system, evaluate (or merge shards), print a summary table."""
     from trinityx.backbones import load_backbone
-    from trinityx.experts import to_jsonable
-    from trinityx.systems import load_system, run_backbone
+    from trinityx.infer.systems import load_system, run_backbone
 
     if cfg.merge_shards:
         result = merge_shards(cfg.out)

@@ -49,7 +49,7 @@ class GenerationSettings:
     batch_size: int = 8
     """Prompts per forward pass (not part of the answer: batched equals one-by-one)."""
     backend: str = "hf"
-    """hf: Hugging Face `generate`; vllm: one vLLM engine (trinityx.vllm_backend; optional extra)."""
+    """hf: Hugging Face `generate`; vllm: one vLLM engine (trinityx.infer.vllm_backend; optional extra)."""
     gate_decimals: int = 2
     """vllm backend, MoCaE systems: prompts whose gates agree to this many decimals share one merged LoRA."""
 
@@ -157,7 +157,7 @@ def generate_batch(system, texts: list[str], settings: GenerationSettings, gates
     the prompt it is given."""
     tokenizer = system.tokenizer
     if settings.backend == "vllm":
-        from trinityx import vllm_backend
+        from trinityx.infer import vllm_backend
 
         ids = tokenizer(texts, add_special_tokens=settings.raw).input_ids
         answers = vllm_backend.generate(system, ids, settings, gates)

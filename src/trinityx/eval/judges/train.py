@@ -27,10 +27,9 @@ from trinityx.data import (
     split_of,
 )
 from trinityx.errors import TrinityXError
-from trinityx.io import atomic_dir, write_json
-from trinityx.judges.judge import KINDS, Judge, references_of, score_answers
-from trinityx.judges.features import feature_judge, fit_head, judge_features
-from trinityx.judges.local import (
+from trinityx.eval.judges.features import feature_judge, fit_head, judge_features
+from trinityx.eval.judges.judge import KINDS, Judge, references_of, score_answers
+from trinityx.eval.judges.local import (
     HEAD_FILE,
     JUDGE_FILE,
     PAIRWISE_FEATURES,
@@ -44,8 +43,9 @@ from trinityx.judges.local import (
     save_pairwise,
     tokenize,
 )
+from trinityx.io import atomic_dir, write_json
 from trinityx.sft import global_batch_order
-from trinityx.train import cosine_with_warmup
+from trinityx.train.loop import cosine_with_warmup
 
 # --------------------------------------------------------------------------------------------------
 # Recipes: the one place that says how each judge is trained (train-judges and the pipeline both use it)

@@ -1,0 +1,1 @@
+"""Training: the one loop (`loop.fit`), the experts it trains (`experts`) and the router commands (`router`)."""
