@@ -143,11 +143,11 @@ def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int
     from peft import LoraConfig, get_peft_model
 
     from trinityx.backbones import load_backbone
-    from trinityx.judges.features import encode_pairs, pair_batch, pooled_pair
-    from trinityx.judges.train import labelled_examples
+    from trinityx.eval.judges.features import encode_pairs, pair_batch, pooled_pair
+    from trinityx.eval.judges.train import labelled_examples
     from trinityx.mocae.model import backbone_hidden_states
     from trinityx.sft import global_batch_order
-    from trinityx.train import cosine_with_warmup
+    from trinityx.train.loop import cosine_with_warmup
 
     torch.manual_seed(0)
     backbone = load_backbone("smollm2-135m")

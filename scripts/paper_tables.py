@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trinityx.evaluate import item_values, paired_comparison, weak_judges
+from trinityx.eval.evaluate import item_values, paired_comparison, weak_judges
 from trinityx.registry import BASE, OURS, SYSTEMS
 
 COLUMNS = (("helpful", "win_rate", "win rate %"), ("helpful", "lc_win_rate", "LC win rate %"),
