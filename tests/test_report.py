@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trinityx.errors import TrinityXError
-from trinityx.experiment.report import COLUMN, axis_sentence, compare, relative_gain, render_report
+from trinityx.experiment.report import COLUMN, axis_label, axis_sentence, compare, relative_gain, render_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_example.json"
 
@@ -172,3 +172,14 @@ def test_paired_verdicts_replace_interval_overlap_and_unmeasurable_judges_are_ma
     assert "does not beat its baseline" in md
     routed = next(l for l in md.splitlines() if l.startswith("| `alpaca_eval`") and "0.750" in l)
     assert "6 / 1 / 1" in routed
+
+
+def test_figure_axes_of_an_unmeasurable_metric_say_so(tmp_path):
+    def weak_helpful(results):
+        results["judges"]["helpful"].update({"measurable": False})
+
+    results = json.loads((make_run(tmp_path / "weak", weak_helpful) / "results.json").read_text())
+    assert axis_label(results, COLUMN["win_rate"], "win rate (%)") == "win rate (%) (n/m: helpful judge at its trivial baseline)"
+    assert axis_label(results, COLUMN["safety_score"], "safety (%)") == "safety (%)"
+    render_report(tmp_path / "weak")  # both figures draw with the marked labels
+    assert (tmp_path / "weak" / "figures").is_dir()

@@ -306,6 +306,13 @@ def save_figure(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
 
 
+def axis_label(results: dict, col: "Column", label: str) -> str:
+    """A figure's axis label for `col`, marked n/m when its judge does not beat its trivial baseline (the figure
+    still places the systems by the value, as the tables print it beside n/m)."""
+    weak = unmeasurable_judges(results, col.metric)
+    return f"{label} ({NOT_MEASURABLE}: {', '.join(weak)} judge at its trivial baseline)" if weak else label
+
+
 def draw_hhh_scatter(results: dict, path: Path) -> list[str] | None:
     """Win rate vs safety score of every system, coloured by truth×info, with 95% error bars.
 
@@ -340,8 +347,8 @@ def draw_hhh_scatter(results: dict, path: Path) -> list[str] | None:
             ax.scatter([xv], [yv], c=[z[0]], cmap="viridis", norm=norm, **style)
     fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
                  label="truth×info (%)" + ("" if colours else " — no system has it"))
-    ax.set_xlabel("helpfulness: win rate vs reference (%)")
-    ax.set_ylabel("harmlessness: safety score (%)")
+    ax.set_xlabel(axis_label(results, COLUMN["win_rate"], "helpfulness: win rate vs reference (%)"))
+    ax.set_ylabel(axis_label(results, COLUMN["safety_score"], "harmlessness: safety score (%)"))
     ax.set_title("Every system on the three HHH axes (bars: 95% intervals; white: no truth×info)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.set_xlim(ax.get_xlim())  # freeze the limits: labels are placed in display coordinates
@@ -437,7 +444,8 @@ def draw_radar(results: dict, path: Path) -> list[str] | None:
         if ours:
             ax.fill(angles + angles[:1], radii + radii[:1], alpha=0.15)
     ax.set_xticks(angles)
-    ax.set_xticklabels([f"{c.label}\n{lo:.1f}–{hi:.1f}" for c, (lo, hi) in zip(HEADLINE, ranges)], fontsize=8)
+    ax.set_xticklabels([f"{c.label}{f' ({NOT_MEASURABLE})' if unmeasurable_judges(results, c.metric) else ''}\n"
+                        f"{lo:.1f}–{hi:.1f}" for c, (lo, hi) in zip(HEADLINE, ranges)], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_yticklabels([])
     ax.legend(loc="upper left", bbox_to_anchor=(0.92, 1.1), fontsize=7)
