@@ -1,6 +1,7 @@
 """The README's paper-run tables, printed as Markdown from a run's evaluation files.
 
     python scripts/paper_tables.py runs/paper            # every system evaluated so far, in the registry's order
+    python scripts/paper_tables.py runs/paper_eval_tier1 # or a folder of result files (a copy of a run's eval/)
 
 Three tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
 token limit; `trinityx` against every other system; every system against `base`. The last two are paired
@@ -23,8 +24,9 @@ COLUMNS = (("helpful", "win_rate", "win rate %"), ("helpful", "lc_win_rate", "LC
 PAIRED = ("safety_score", "mc1", "mc2", "truthful_rate", "informative_rate", "truthful_informative_rate")
 
 
-def result_file(run: Path, system: str) -> Path:
-    return run / "eval" / f"{system.replace(':', '__')}.json"
+def result_file(folder: Path, system: str) -> Path:
+    """A system's result file in a run folder (its eval/) or in a folder of result files."""
+    return (folder / "eval" if (folder / "eval").is_dir() else folder) / f"{system.replace(':', '__')}.json"
 
 
 def measurable(axis_record: dict, metric: str) -> bool:
@@ -68,12 +70,12 @@ def paired_table(pairs: list[tuple[str, str]], values: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="a run folder (its eval/ holds one result file per system)")
+    parser.add_argument("run", type=Path, help="a run folder (its eval/ holds one result file per system) or such a folder")
     args = parser.parse_args()
     systems = [s for s in SYSTEMS if result_file(args.run, s).is_file()
                and "finished" in json.loads(result_file(args.run, s).read_text())]
     if not systems:
-        raise SystemExit(f"{args.run / 'eval'}: no finished evaluation; run `trinityx run` or `trinityx evaluate` first")
+        raise SystemExit(f"{args.run}: no finished evaluation; run `trinityx run` or `trinityx evaluate` first")
     values = {s: item_values(result_file(args.run, s)) for s in systems}
     print("\n".join(main_table(args.run, systems)))
     if OURS in systems:
