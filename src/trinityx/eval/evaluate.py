@@ -28,6 +28,7 @@ from trinityx.errors import TrinityXError
 from trinityx.eval import metrics
 from trinityx.infer.generation import GenerationSettings
 from trinityx.io import to_jsonable, write_json
+from trinityx.mocae.calibration import routing_summary
 from trinityx.paths import check_writable
 
 AXES = ("helpful", "harmless", "honest")
@@ -234,17 +235,6 @@ def with_gates(records: list[dict], gates) -> list[dict]:
         for record, g in zip(records, gates.tolist()):
             record["gates"] = g
     return records
-
-
-def routing_summary(records: list[dict], dimension: str, dimensions: list[str]) -> dict:
-    """How the router sent an evaluation set's items: the share routed to the set's own dimension (argmax gate),
-    the argmax counts per expert (this set's row of the confusion matrix) and the mean gates."""
-    gates = np.array([r["gates"] for r in records])  # [N, K]
-    picked = gates.argmax(1)
-    return {"dimension": dimension, "n": len(records),
-            "accuracy": float(np.mean(picked == dimensions.index(dimension))) if dimension in dimensions else None,
-            "argmax_counts": {d: int(np.sum(picked == k)) for k, d in enumerate(dimensions)},
-            "mean_gates": dict(zip(dimensions, gates.mean(0).tolist()))}
 
 
 def cut_at_limit(records: list[dict]) -> dict:

@@ -11,11 +11,14 @@ number of classes (experts / dimensions).
 - NLL: mean of -log p_y, in nats.
 - Temperature scaling (Guo et al. 2017, section 4.2): one scalar T > 0 for all logits, p = softmax(z / T),
   fitted by minimising NLL on held-out data. It does not change the argmax, so accuracy is unchanged.
+- `routing_summary`: how a router sent one evaluation set's items (accuracy against the set's dimension, argmax
+  counts, mean gates), for calibrate's every-item routing and evaluate's per-axis records alike.
 """
 
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -153,3 +156,14 @@ def reliability_diagram(probs, labels, path: str | Path, title: str = "", n_bins
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
+
+
+def routing_summary(records: list[dict], dimension: str, dimensions: list[str]) -> dict:
+    """How the router sent an evaluation set's items: the share routed to the set's own dimension (argmax gate),
+    the argmax counts per expert (this set's row of the confusion matrix) and the mean gates."""
+    gates = np.array([r["gates"] for r in records])  # [N, K]
+    picked = gates.argmax(1)
+    return {"dimension": dimension, "n": len(records),
+            "accuracy": float(np.mean(picked == dimensions.index(dimension))) if dimension in dimensions else None,
+            "argmax_counts": {d: int(np.sum(picked == k)) for k, d in enumerate(dimensions)},
+            "mean_gates": dict(zip(dimensions, gates.mean(0).tolist()))}

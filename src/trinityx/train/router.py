@@ -28,7 +28,7 @@ from trinityx.errors import TrinityXError
 from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import is_adapter, write_weights
 from trinityx.mocae import MoCaEConfig, MoCaEModel
-from trinityx.mocae.calibration import calibration_report, reliability_diagram
+from trinityx.mocae.calibration import calibration_report, reliability_diagram, routing_summary
 from trinityx.mocae.model import read_config
 from trinityx.mocae.objective import mean_gate, router_objective
 from trinityx.paths import check_name, check_writable
@@ -466,8 +466,6 @@ def route_evaluation_sets(model: MoCaEModel, backbone: Backbone, data_dir: Path,
                           max_length: int, pooled_cache: dict | None = None) -> dict:
     """{set: routing summary} of a sequence router over every item of each evaluation set (gates at T). The
     router never saw these prompts (they are excluded from the routing data); this is how it routes them."""
-    from trinityx.eval.evaluate import routing_summary
-
     if model.config.router != "sequence":
         return {}
     out = {}
