@@ -144,9 +144,8 @@ def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int
 
     from trinityx.backbones import load_backbone
     from trinityx.eval.judges.features import encode_pairs, pair_batch, pooled_pair
-    from trinityx.eval.judges.train import labelled_examples
+    from trinityx.eval.judges.train import fit_binary, labelled_examples
     from trinityx.mocae.model import backbone_hidden_states
-    from trinityx.sft import global_batch_order
     from trinityx.train.loop import cosine_with_warmup
 
     torch.manual_seed(0)
@@ -183,22 +182,10 @@ def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int
     lengths = [len(a) + len(b) for a, b in encoded]
     print(f"{len(pairs)} training pairs, {total} steps of {batch_size}; "
           f"{sum(p.numel() for p in params):,} trained parameters", flush=True)
-    t0, losses = time.perf_counter(), []
-    bar = tqdm(total=total, desc="harm lora", unit="step")
     model.train()
-    for epoch in range(epochs):
-        for ids in global_batch_order(lengths, batch_size, 0, epoch, group_by_length=True):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(scores([encoded[i] for i in ids]), y[ids])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    bar.close()
-    print(f"trained in {time.perf_counter() - t0:.0f} s, final loss {np.mean(losses[-20:]):.3f}", flush=True)
+    log = fit_binary(lambda ids: scores([encoded[i] for i in ids]), params, optimizer, scheduler, lengths, y,
+                     epochs=epochs, batch_size=batch_size, seed=0, desc="harm lora")
+    print(f"trained in {log['train_seconds']:.0f} s, final loss {log['final_loss']:.3f}", flush=True)
     model.eval()
     scored = {}
     with torch.no_grad():

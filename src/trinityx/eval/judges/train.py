@@ -358,14 +358,26 @@ def fit_cross_encoder(model, tokenizer, texts: list[str], pairs: list[str] | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total // 10, total, 0.0))
     y = torch.tensor(targets, dtype=torch.float32)  # [N]
     lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
+
+    def logits_of(ids: list[int]) -> torch.Tensor:  # [B]
+        batch = tokenize(tokenizer, [texts[i] for i in ids], [pairs[i] for i in ids] if pairs else None, max_length)
+        return model(**batch).logits[:, 0].float()
+
+    model.train()
+    return fit_binary(logits_of, params, optimizer, scheduler, lengths, y, epochs=epochs, batch_size=batch_size,
+                      seed=seed, desc=desc)
+
+
+def fit_binary(logits_of, params, optimizer, scheduler, lengths: list[int], y: torch.Tensor, *, epochs: int,
+               batch_size: int, seed: int, desc: str) -> dict:
+    """Binary cross-entropy (soft targets `y` [N] allowed) on `logits_of(ids)` [B] over length-grouped batches:
+    forward, loss, backward, clip, step, schedule, log, in that order; `epochs` passes over the N rows."""
+    total = epochs * (len(lengths) // batch_size)
     t0, losses = time.perf_counter(), []
     bar = tqdm(total=total, desc=desc, unit="step")
-    model.train()
     for epoch in range(epochs):
         for ids in global_batch_order(lengths, batch_size, seed, epoch, group_by_length=True):
-            batch = tokenize(tokenizer, [texts[i] for i in ids], [pairs[i] for i in ids] if pairs else None, max_length)
-            logits = model(**batch).logits[:, 0].float()  # [B]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[ids])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits_of(ids), y[ids])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
