@@ -10,6 +10,8 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
     # harm: SmolLM2 itself as the judge, LoRA on layers 13-20 and a head, fine-tuned end to end (3,000 pairs, 1 epoch)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-lora --train-pairs 3000 --out runs/judge_probes/lora
+    # helpful: a MiniLM reward model fine-tuned end to end on GPT-4's judgements, beside a learned length term
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py helpful-reward --train-judgements 2000 --lr 3e-5 --batch-size 8
     # helpful: Bradley-Terry on length, MiniLM embeddings and similarity to the GPT-4 reference output
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py helpful-references --data-dir ../shared/data
 
@@ -300,10 +302,66 @@ def helpful_text(data_dir: str) -> None:
                   f"{pairwise_agreement([p[k] for k in similar], [prefs[k] for k in similar]):.3f} |", flush=True)
 
 
+def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_size: int) -> None:
+    """A reward model fine-tuned end to end on GPT-4's judgements: MiniLM as a cross-encoder r(instruction,
+    output), P(b preferred) = sigmoid(r(b) - r(a) + w (log chars b - log chars a)) with w learned beside it, so
+    the encoder only has to learn what length does not say. BCE on the soft preference; agreement on the judge's
+    validity sample of dev (instructions never seen), overall and on the pairs of similar length."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trinityx.eval.judges.batching import tokenize
+    from trinityx.eval.judges.local import minilm_path
+    from trinityx.eval.judges.train import fit_binary
+    from trinityx.train.loop import cosine_with_warmup
+
+    torch.manual_seed(0)
+    train, dev = load_judgements(data_dir, "train"), load_judgements(data_dir, "dev")
+    train = [train[i] for i in _sample(len(train), n_train, 0)]
+    dev = [dev[i] for i in _sample(len(dev), 1600, 0)]  # the judge's validity sample
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    model.get_input_embeddings().weight.requires_grad_(False)
+    w = torch.nn.Parameter(torch.tensor(1.0))  # the length term's weight
+
+    def log_chars(text: str) -> float:
+        return math.log1p(len(text))
+
+    def p_logits(rows) -> torch.Tensor:  # logit of P(b preferred) [B]
+        instructions = [r.instruction for r in rows] * 2
+        outputs = [r.output_1 for r in rows] + [r.output_2 for r in rows]
+        r = model(**tokenize(tokenizer, instructions, outputs, 256)).logits[:, 0].float().view(2, len(rows))
+        length = torch.tensor([log_chars(x.output_2) - log_chars(x.output_1) for x in rows])
+        return r[1] - r[0] + w * length
+
+    params = [q for q in model.parameters() if q.requires_grad] + [w]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    total = epochs * (len(train) // batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_with_warmup(t, total // 10, total, 0.0))
+    model.train()
+    log = fit_binary(lambda ids: p_logits([train[i] for i in ids]), params, optimizer, scheduler,
+                     [len(r.output_1) + len(r.output_2) for r in train], torch.tensor([r.preference - 1 for r in train]),
+                     epochs=epochs, batch_size=batch_size, seed=0, desc="helpful reward")
+    print(f"{len(train)} judgements, {log['steps']} steps in {log['train_seconds']:.0f} s, final loss "
+          f"{log['final_loss']:.3f}, length weight {w.item():.3f}", flush=True)
+    model.eval()
+    p = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(dev), 16), desc="score dev", unit="batch", leave=False):
+            p += torch.sigmoid(p_logits(dev[start:start + 16])).tolist()
+    prefs = [r.preference for r in dev]
+    similar = [k for k, r in enumerate(dev) if similar_length(r.output_1, r.output_2) and r.preference != 1.5]
+    rule = length_rule_agreement([r.output_1 for r in dev], [r.output_2 for r in dev], prefs)
+    rule_similar = length_rule_agreement([dev[k].output_1 for k in similar], [dev[k].output_2 for k in similar],
+                                         [prefs[k] for k in similar])
+    print(f"dev {len(dev)} judgements of {len({r.instruction for r in dev})} instructions: agreement "
+          f"{pairwise_agreement(p, prefs):.3f} (length rule {rule:.3f}); similar length (n {len(similar)}) "
+          f"{pairwise_agreement([p[k] for k in similar], [prefs[k] for k in similar]):.3f} (length rule {rule_similar:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "helpful-references",
-                                             "helpful-text", "harm-lora"))
+                                             "helpful-text", "harm-lora", "helpful-reward"))
     parser.add_argument("--judge", type=Path, help="harm-thresholds: a saved harm judge's folder")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
@@ -314,7 +372,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="harm-lora: LoRA learning rate (the head's is 10x)")
     parser.add_argument("--trained-layers", type=int, default=8, help="harm-lora: LoRA on this many layers below the pool layer")
     parser.add_argument("--pool-layer", type=int, default=20, help="harm-lora")
-    parser.add_argument("--batch-size", type=int, default=16, help="harm-lora")
+    parser.add_argument("--batch-size", type=int, default=16, help="harm-lora, helpful-reward (judgements per step)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "harm-states":
@@ -326,6 +384,8 @@ def main() -> None:
     elif args.what == "harm-lora":
         harm_lora(args.data_dir, args.out, args.train_pairs, args.epochs, args.rank, args.lr, args.trained_layers,
                   args.pool_layer, args.batch_size)
+    elif args.what == "helpful-reward":
+        helpful_reward(args.data_dir, args.train_judgements, args.epochs, args.lr, args.batch_size)
     elif args.what == "helpful-text":
         helpful_text(args.data_dir)
     else:
