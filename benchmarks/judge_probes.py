@@ -145,7 +145,7 @@ def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int
     from peft import LoraConfig, get_peft_model
 
     from trinityx.backbones import load_backbone
-    from trinityx.eval.judges.features import encode_pairs, pair_batch, pooled_pair
+    from trinityx.eval.judges.features import encode_pairs, pair_batch, per_distinct_pair, pooled_pair
     from trinityx.eval.judges.train import fit_binary, labelled_examples
     from trinityx.mocae.model import backbone_hidden_states
     from trinityx.train.loop import cosine_with_warmup
@@ -193,15 +193,9 @@ def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int
     with torch.no_grad():
         for split in ("dev", "test"):
             prompts, responses, labels = labelled_examples("harm", data_dir, split)
-            distinct = sorted(set(zip(prompts, responses)))
-            enc = encode_pairs(tokenizer, fmt, distinct, max_prompt_tokens=64, max_response_tokens=160)
-            order = sorted(range(len(distinct)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-            p = torch.empty(len(distinct))
-            for start in tqdm(range(0, len(order), 32), desc=f"score {split}", unit="batch", leave=False):
-                ids = order[start:start + 32]
-                p[ids] = torch.sigmoid(scores([enc[i] for i in ids]))
-            row = {pair: i for i, pair in enumerate(distinct)}
-            scored[split] = (p[[row[pair] for pair in zip(prompts, responses)]].numpy(), np.array(labels), prompts)
+            p = per_distinct_pair(lambda batch: torch.sigmoid(scores(batch)), tokenizer, fmt, prompts, responses,
+                                  max_prompt_tokens=64, max_response_tokens=160, batch_size=32, desc=f"score {split}")
+            scored[split] = (p.numpy(), np.array(labels), prompts)
     out.mkdir(parents=True, exist_ok=True)
     (out / "harm_lora_scores.json").write_text(json.dumps({s: v[0].tolist() for s, v in scored.items()}))
     threshold_table(scored["dev"][:2], scored["test"])

@@ -74,6 +74,23 @@ def pooled_pair(hidden: torch.Tensor, in_prompt: torch.Tensor, in_response: torc
     return torch.cat(features, -1)
 
 
+def per_distinct_pair(fn, tokenizer, prompt_format: str, prompts: list[str], responses: list[str], *,
+                      max_prompt_tokens: int, max_response_tokens: int, batch_size: int, desc: str) -> torch.Tensor:
+    """fn(encoded pairs of a batch) -> [B, ...] for each (prompt, response), each distinct pair computed once
+    (`encode_pairs`), in length-sorted batches: [N, ...] in the order of the inputs."""
+    distinct = sorted(set(zip(prompts, responses)))
+    encoded = encode_pairs(tokenizer, prompt_format, distinct, max_prompt_tokens=max_prompt_tokens,
+                           max_response_tokens=max_response_tokens)
+    order = sorted(range(len(distinct)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    parts = []
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        parts.append(fn([encoded[i] for i in order[start:start + batch_size]]))
+    out = torch.empty_like(torch.cat(parts))  # [N', ...]
+    out[order] = torch.cat(parts)
+    row = {pair: i for i, pair in enumerate(distinct)}
+    return out[[row[pair] for pair in zip(prompts, responses)]]
+
+
 @torch.no_grad()
 def pair_states(model, tokenizer, prompt_format: str, prompts: list[str], responses: list[str], *,
                 layers: tuple[int, ...], max_prompt_tokens: int, max_response_tokens: int, batch_size: int = 16,
@@ -85,21 +102,19 @@ def pair_states(model, tokenizer, prompt_format: str, prompts: list[str], respon
     """
     from trinityx.mocae.model import backbone_hidden_states
 
-    distinct = sorted(set(zip(prompts, responses)))
-    encoded = encode_pairs(tokenizer, prompt_format, distinct, max_prompt_tokens=max_prompt_tokens,
-                           max_response_tokens=max_response_tokens)
-    order = sorted(range(len(distinct)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    if not prompts:
+        return torch.empty(0, 3 * len(layers) * model.config.hidden_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
-    out = torch.empty(len(distinct), 3 * len(layers) * model.config.hidden_size)  # [N', 3 L D]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        ids = order[start:start + batch_size]
-        input_ids, in_prompt, in_response = pair_batch([encoded[i] for i in ids], pad)
+
+    def states(batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:  # [B, 3 L D]
+        input_ids, in_prompt, in_response = pair_batch(batch, pad)
         attention_mask = (in_prompt + in_response).long()  # [B, T]
-        out[ids] = torch.cat([pooled_pair(hidden.float(), in_prompt, in_response) for hidden in
-                              backbone_hidden_states(model, input_ids, attention_mask, list(layers))], -1)
-    row = {pair: i for i, pair in enumerate(distinct)}
-    return out[[row[pair] for pair in zip(prompts, responses)]]
+        return torch.cat([pooled_pair(hidden.float(), in_prompt, in_response) for hidden in
+                          backbone_hidden_states(model, input_ids, attention_mask, list(layers))], -1)
+
+    return per_distinct_pair(states, tokenizer, prompt_format, prompts, responses, max_prompt_tokens=max_prompt_tokens,
+                             max_response_tokens=max_response_tokens, batch_size=batch_size, desc=desc)
 
 
 @torch.no_grad()
