@@ -51,7 +51,7 @@ def measure(name: str, backbone_spec: str, folders: list[Path], args) -> dict:
 
 
 def expert_bytes(model, rank: int, n_experts: int, targets: tuple[str, ...]) -> tuple[int, int]:
-    """(bytes of the backbone's weights, bytes of the folded experts a decode step reads: A_cat and B_b)."""
+    """(bytes of the backbone's weights, bytes of the stacked experts a decode step reads: A_cat and B_cat)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lora = 0
     for name, module in model.named_modules():
@@ -89,7 +89,7 @@ def main() -> None:
     for d in diffs[:15]:
         print(f"{d['op']:<28} {d['base']['calls']:>10} {d['trinityx']['calls']:>14} {d['base']['self_ms']:>9.1f} "
               f"{d['trinityx']['self_ms']:>11.1f}")
-    print(f"weights read per decode step: backbone {weights / 2**20:.0f} MiB, folded experts {lora / 2**20:.1f} MiB "
+    print(f"weights read per decode step: backbone {weights / 2**20:.0f} MiB, stacked experts {lora / 2**20:.1f} MiB "
           f"({100 * lora / weights:.1f} %): a bandwidth-bound step is at best {weights / (weights + lora):.3f}x base")
     print(json.dumps({"bench": "decode_profile", "config": vars(args),
                       "request_s": {n: r["request_s"] for n, r in rows.items()},

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trinityx.mocae import MixtureLinear, MoCaEConfig, MoCaEModel
-from trinityx.mocae.layer import fold_experts, folded_add, mixture_delta
+from trinityx.mocae.layer import mixture_delta, rank_gates
 from trinityx.mocae.objective import mean_gate, router_objective
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,11 +79,25 @@ def test_mixture_delta_is_the_sum_over_experts():
     gates = torch.softmax(torch.randn(Bsz, K, generator=g), -1)
     # The reference: a loop over examples and experts of g_bk * s * B_k A_k x_b.
     want = torch.stack([sum(gates[b, k] * 2.0 * x[b] @ (B[k] @ A[k]).T for k in range(K)) for b in range(Bsz)])
-    torch.testing.assert_close(mixture_delta(x, A, B, gates, 2.0), want, atol=ATOL, rtol=0)
-    torch.testing.assert_close(folded_add(torch.zeros_like(want), x, *fold_experts(A, B, gates, 2.0)), want, atol=ATOL,
-                               rtol=0)
+    A_cat, B_cat_T = A.reshape(K * R, D_in), B.transpose(1, 2).reshape(K * R, D_out)
+    assert rank_gates(gates, R, 2.0).shape == (Bsz, 1, K * R)
+    torch.testing.assert_close(mixture_delta(x, A_cat, B_cat_T, rank_gates(gates, R, 2.0)), want, atol=ATOL, rtol=0)
     token_gates = gates[:, None, :].expand(Bsz, T, K)  # the same gate on every token
-    torch.testing.assert_close(mixture_delta(x, A, B, token_gates, 2.0), want, atol=ATOL, rtol=0)
+    assert rank_gates(token_gates, R, 2.0).shape == (Bsz, T, K * R)
+    torch.testing.assert_close(mixture_delta(x, A_cat, B_cat_T, rank_gates(token_gates, R, 2.0)), want, atol=ATOL, rtol=0)
+    # The layer's own fast path (one accumulating product) and its views of the stored experts give the same.
+    layer = MixtureLinear(torch.nn.Linear(D_in, D_out, bias=True), A, B, 2.0)
+    for view, stored in zip(layer.stacked(), (layer.lora_A, layer.lora_B)):
+        assert view.data_ptr() == stored.data_ptr() and view._base is not None  # a view, not a copy
+    torch.testing.assert_close(layer.lora_B, B, atol=0, rtol=0)
+    base = layer(x)
+    layer.set_gates(gates)
+    torch.testing.assert_close(layer(x), base + want, atol=ATOL, rtol=0)
+    layer.base_layer.double()  # a backbone in another dtype than its experts: the mixed-dtype path
+    torch.testing.assert_close(layer(x.double()), (base + want).double(), atol=ATOL, rtol=0)
+    layer.base_layer.float()
+    layer.clear()
+    torch.testing.assert_close(layer(x), base, atol=0, rtol=0)
 
 
 @torch.no_grad()
@@ -120,7 +134,7 @@ def test_zero_experts_and_negated_twins_equal_base(tiny_backbone, experts, token
 
 
 @torch.no_grad()
-def test_mixed_gate_batch_equals_rows_alone_and_folding_is_exact(tiny_backbone, experts, tokenizer):
+def test_mixed_gate_batch_equals_rows_alone_and_set_gates_is_exact(tiny_backbone, experts, tokenizer):
     model = randomize_router(mocae(tiny_backbone, experts))
     ids, mask = batch(tokenizer)
     out = model(ids, mask)
@@ -134,10 +148,10 @@ def test_mixed_gate_batch_equals_rows_alone_and_folding_is_exact(tiny_backbone, 
         torch.testing.assert_close(out.logits[b, -n:], alone.logits[0], atol=ATOL, rtol=0)
 
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    with model.apply_gates(out.gates, fold=True):
-        folded = model.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-    torch.testing.assert_close(folded, out.logits, atol=ATOL, rtol=0)
-    assert all(m.gates is None and m.folded is None for m in model.mixtures)  # gates never leak
+    with model.apply_gates(out.gates):  # the gates generation sets once for a whole answer
+        gated = model.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(gated, out.logits, atol=ATOL, rtol=0)
+    assert all(m.routed is None for m in model.mixtures)  # gates never leak
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ and answers the same prompts (chat-formatted, batch `request_batch`, left-padded
 greedy new tokens (EOS suppressed, so every request has the same length), under `torch.inference_mode()`:
 
 - `base`: the bare backbone.
-- `trinityx`: MoCaE, sequence routing. One routing pass over the prompt gives the gates, which are folded
-  into one rank-K*R delta per layer (`MixtureLinear.fold`); then HF `generate` with the KV cache.
+- `trinityx`: MoCaE, sequence routing. One routing pass over the prompt gives the gates, applied in rank
+  space in every adapted layer (`B_cat (g * (A_cat x))`, `mocae/layer.py`); then HF `generate` with the KV cache.
 - `trinityx-token`: MoCaE, token routing: a router head per decoder layer gates every token (still one pass).
 - `peft-multi`: one `PeftModel` holding the K adapters unmerged, all active at once
   (`LoraModel.set_adapter([...])`, PEFT's multi-adapter inference), each one's output weighted by its gate

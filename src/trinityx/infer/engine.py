@@ -2,9 +2,9 @@
 
 One worker thread owns the model and runs micro-batches: it takes the first queued request, waits up to
 `--batch-wait-ms` for more (up to `--max-batch-size`), left-pads them into one batch and decodes them together
-with a KV cache. Each row has its own gates (sequence routing folds the weighted experts into one delta per
-row, `mocae/layer.py`), its own sampling settings, token budget and stop strings; a row that finishes leaves
-the batch at once (its cache rows are dropped and the gates re-folded), so a short answer never waits for a
+with a KV cache. Each row has its own gates (sequence routing: K*R rank-space scales per row, applied between
+the experts' two batched products, `mocae/layer.py`), its own sampling settings, token budget and stop strings;
+a row that finishes leaves the batch at once (its cache rows and gates are dropped), so a short answer never waits for a
 long one, and a request that arrives while a batch decodes joins it between two decode steps (prefilled on its
 own, its cache rows appended; continuous batching, as vLLM and TGI do), so it never waits for a long answer
 either. A client that disconnects stops its row at the next step. Left padding with position ids that skip
@@ -126,7 +126,7 @@ def prefill(model: MoCaEModel, tokenizer, rows: list[Row], forward) -> tuple[Dyn
                                                                               torch.Tensor, torch.Tensor]:
     """Route `rows` and prefill them as one left-padded batch: (KV cache, mask [B, T], gates [B, K], logits [B, V]).
 
-    Leaves each row's gates folded into the mixture layers, ready for the decode steps."""
+    Leaves each row's gates set on the mixture layers, ready for the decode steps."""
     pad = tokenizer.pad_token_id
     longest = max(len(r.prompt_ids) for r in rows)
     ids = torch.tensor([[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in rows])  # [B, T]
@@ -134,14 +134,12 @@ def prefill(model: MoCaEModel, tokenizer, rows: list[Row], forward) -> tuple[Dyn
     for row in rows:
         if row.temperature and row.seed is not None:
             row.generator = torch.Generator().manual_seed(row.seed)
-    for m in model.mixtures:  # the routing pass reads the bare backbone, whatever a running batch has folded
-        m.clear()
+    model.clear_gates()  # the routing pass reads the bare backbone, whatever gates a running batch has set
     gates = row_gates(model, model.route(ids, mask), rows)  # [B, K]
     for row, g in zip(rows, gates):
         row.emit(("gates", g.tolist()))
     cache = DynamicCache(config=model.backbone.config)
-    for m in model.mixtures:
-        m.fold(gates)
+    model.set_gates(gates)
     out = forward(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
                   use_cache=True, logits_to_keep=1)
     return cache, mask, gates, out.logits[:, -1, :]
@@ -207,13 +205,12 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
                 return
             if keep:
                 tokens = torch.tensor([chosen[j] for j in keep])[:, None]  # [B, 1]
-                if len(keep) < len(active):  # finished rows leave the batch: drop their cache rows, re-fold the gates
+                if len(keep) < len(active):  # finished rows leave the batch: drop their cache rows and gates
                     index = torch.tensor(keep)
                     cache.batch_select_indices(index)
                     mask, gates = mask[index], gates[index]
                     active, trackers = [active[j] for j in keep], [trackers[j] for j in keep]
-                    for m in model.mixtures:
-                        m.fold(gates)
+                    model.set_gates(gates)
                 mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)  # [B, T + 1]
                 logits = forward(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                                  past_key_values=cache, use_cache=True).logits[:, -1, :]  # [B, V]
@@ -226,11 +223,9 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
                 else:
                     cache, mask, gates, logits = new_cache, new_mask, new_gates, new_logits
                     active, trackers = list(newcomers), [TextTracker(tokenizer, r.stop) for r in newcomers]
-                for m in model.mixtures:
-                    m.fold(gates)
+                model.set_gates(gates)
     finally:
-        for m in model.mixtures:
-            m.clear()
+        model.clear_gates()
 
 
 def stop_token_ids(model: MoCaEModel, tokenizer) -> set[int]:

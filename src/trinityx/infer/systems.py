@@ -112,8 +112,7 @@ class System:
             yield
         finally:
             if self.mocae is not None:
-                for m in self.mocae.mixtures:
-                    m.clear()
+                self.mocae.clear_gates()
 
     def generate_ids(self, input_ids: Tensor, attention_mask: Tensor, gates: Tensor | None = None,
                      **kwargs) -> Tensor:

@@ -4,57 +4,52 @@ Every linear layer the experts adapt computes (docs/design.md, "MoCaE")
 
     y = W x + sum_k g_k * s * B_k A_k x,        s = alpha / r   (LoRA, Hu et al. 2021, section 4.1)
 
-with the K experts stacked, A: [K, R, D_in] and B: [K, D_out, R], so the sum over experts is one einsum and
-never a Python loop. K is whatever the experts given are; nothing here assumes 3.
+with the K experts stacked, so the sum over experts is never a Python loop. K is whatever the experts given
+are; nothing here assumes 3. The sum is computed in rank space,
 
-The gates come in one of three forms, set on the layer by `MoCaEModel` before the backbone runs:
+    sum_k g_k s B_k A_k x = B_cat (g_rank * (A_cat x)),     A_cat = cat_k A_k: [K*R, D_in],
+                                                            B_cat = cat_k B_k: [D_out, K*R],
+                                                            g_rank = each g_k * s repeated R times: [K*R],
+
+which is PEFT's `add_weighted_adapter(..., combination_type="cat")` with the gates applied between the two
+products instead of folded into B. Both products run over the whole batch with the same matrices, whatever
+each row's gates, and the gates are K*R numbers per row (per token for token routing), the same in every
+layer: setting them costs nothing, and no layer ever holds a per-row copy of its experts (the per-row folded
+deltas this replaced held one per row: +50 % peak memory at batch 8 on SmolLM2, docs/routing.md). A_cat and
+B_cat^T are views of the stored experts (`lora_A` [K, R, D_in] is kept contiguous, `lora_B` [K, D_out, R] is
+stored with the [K, R, D_out] layout), so the layer holds each expert weight once.
+
+The gates come in one of three forms, set on every layer by `MoCaEModel.set_gates` before the backbone runs:
 
 - none:          experts off, the layer is the bare backbone layer (used for the router's pooling pass);
-- [B, K]:        sequence routing, one gate vector per example;
-- [B, T, K]:     token routing, one gate vector per token (set by that decoder layer's router head).
-
-Sequence gates can also be *folded*: the weighted experts of example b become a single low-rank delta
-`B_b A_cat` with A_cat = cat_k A_k: [K*R, D_in] shared by the batch and B_b = cat_k(g_bk * s * B_k):
-[D_out, K*R]. This is PEFT's `add_weighted_adapter(..., combination_type="cat")` done per row, so decoding
-costs one rank-(K*R) LoRA, about what the bare backbone costs, and rows with different gates never mix.
+- [B, K]:        sequence routing, one gate vector per example (g_rank [B, 1, K*R]);
+- [B, T, K]:     token routing, one gate vector per token (g_rank [B, T, K*R], set by that decoder layer's
+                 router head).
 
 Legend: B batch, T tokens, K experts, D hidden (D_in, D_out), R rank.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def mixture_delta(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, scaling: float) -> Tensor:
-    """sum_k g_k * s * B_k A_k x for x [B, T, D_in] and gates [B, K] or [B, T, K] -> [B, T, D_out]."""
-    h = torch.einsum("btd,krd->btkr", x, A)  # [B, T, K, R]
-    if gates.dim() == 2:
-        return torch.einsum("btkr,kor,bk->bto", h, B, gates * scaling)  # [B, T, D_out]
-    return torch.einsum("btkr,kor,btk->bto", h, B, gates * scaling)  # [B, T, D_out]
+def rank_gates(gates: Tensor, rank: int, scaling: float) -> Tensor:
+    """Gates [B, K] or [B, T, K] -> the scale of each rank-space row, g_k * s repeated R times: [B, 1 or T, K*R]."""
+    g = (gates * scaling).repeat_interleave(rank, dim=-1)
+    return g[:, None, :] if gates.dim() == 2 else g
 
 
-def fold_experts(A: Tensor, B: Tensor, gates: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """Fold sequence gates [B, K] into one low-rank delta per example: (A_cat^T [D_in, K*R], B_b^T [B, K*R, D_out]).
-
-    Both come back in the layout the decode step multiplies with, contiguous, so each step is two plain
-    matrix products and no copy (`folded_add`).
-    """
-    K, R, D_in = A.shape
-    A_cat_T = A.reshape(K * R, D_in).T.contiguous()  # [D_in, K*R]
-    B_b_T = torch.einsum("bk,kor->bkro", gates * scaling, B)  # [B, K, R, D_out]
-    return A_cat_T, B_b_T.reshape(gates.shape[0], K * R, B.shape[1]).contiguous()  # [B, K*R, D_out]
-
-
-def folded_add(y: Tensor, x: Tensor, A_cat_T: Tensor, B_b_T: Tensor) -> Tensor:
-    """y + B_b A_cat x for x [B, T, D_in], y [B, T, D_out]: one matmul and one fused batched multiply-add."""
-    return torch.baddbmm(y, x @ A_cat_T, B_b_T)  # [B, T, K*R] @ [B, K*R, D_out] + y
+def mixture_delta(x: Tensor, A_cat: Tensor, B_cat_T: Tensor, g_rank: Tensor) -> Tensor:
+    """sum_k g_k s B_k A_k x = B_cat (g_rank * (A_cat x)) for x [B, T, D_in] and g_rank [B, 1 or T, K*R] -> [B, T, D_out]."""
+    return (F.linear(x, A_cat) * g_rank) @ B_cat_T
 
 
 class MixtureLinear(nn.Module):
     """A frozen `nn.Linear` (the original object, kept as `base_layer`) plus K stacked LoRA experts.
 
-    The experts are frozen parameters (`requires_grad=False`); only the router learns. Gates are state
-    set by the owner model (`gates` or `folded`), cleared after each call, and never saved.
+    The experts are frozen parameters (`requires_grad=False`); only the router learns. The gates are state
+    set by the owner model (`use_gates`), cleared after each call, and never saved.
     """
 
     def __init__(self, base_layer: nn.Linear, A: Tensor, B: Tensor, scaling: float):
@@ -67,11 +62,11 @@ class MixtureLinear(nn.Module):
             )
         self.base_layer = base_layer.requires_grad_(False)
         dtype = base_layer.weight.dtype
-        self.lora_A = nn.Parameter(A.to(dtype), requires_grad=False)  # [K, R, D_in]
-        self.lora_B = nn.Parameter(B.to(dtype), requires_grad=False)  # [K, D_out, R]
+        self.lora_A = nn.Parameter(A.to(dtype).contiguous(), requires_grad=False)  # [K, R, D_in]
+        # [K, D_out, R] with the memory layout of [K, R, D_out], so that B_cat^T [K*R, D_out] is a view.
+        self.lora_B = nn.Parameter(B.to(dtype).transpose(1, 2).contiguous().transpose(1, 2), requires_grad=False)
         self.scaling = scaling
-        self.gates: Tensor | None = None  # [B, K] or [B, T, K]; None = experts off
-        self.folded: tuple[Tensor, Tensor] | None = None  # (A_cat^T [D_in, K*R], B_b^T [B, K*R, D_out])
+        self.routed: tuple[Tensor, Tensor, Tensor] | None = None  # (A_cat, B_cat^T, g_rank); None = experts off
 
     # The backbone's own code may read these off any of its linear layers.
     @property
@@ -94,14 +89,25 @@ class MixtureLinear(nn.Module):
     def n_experts(self) -> int:
         return self.lora_A.shape[0]
 
-    def fold(self, gates: Tensor) -> None:
-        """Fold sequence gates [B, K] into one delta per example; later calls use it until `clear()`."""
-        self.folded = fold_experts(self.lora_A, self.lora_B, gates.to(self.lora_A.dtype), self.scaling)
-        self.gates = None
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """(A_cat [K*R, D_in], B_cat^T [K*R, D_out]): views of `lora_A` and `lora_B` (copies only if something
+        re-laid them out), taken when the gates are set so that they follow the parameters' requires_grad."""
+        return self.lora_A.reshape(-1, self.in_features), self.lora_B.transpose(1, 2).reshape(-1, self.out_features)
+
+    def use_gates(self, g_rank: Tensor) -> None:
+        """Rank-space gates [B, 1 or T, K*R] (`rank_gates`) for the next calls, until `clear()`."""
+        self.routed = (*self.stacked(), g_rank)
+
+    def set_gates(self, gates: Tensor) -> None:
+        """Gates [B, K] (sequence) or [B, T, K] (token) for the next calls, until `clear()`."""
+        self.use_gates(rank_gates(gates.to(self.lora_A.dtype), self.rank, self.scaling))
 
     def clear(self) -> None:
-        self.gates = None
-        self.folded = None
+        self.routed = None
 
     @torch.no_grad()
     def merge(self, gates: Tensor) -> None:
@@ -112,19 +118,15 @@ class MixtureLinear(nn.Module):
         weight.copy_((weight.float() + delta).to(weight.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)  # [B, T, D_out]
-        if self.folded is not None:  # the decode path: kept to the fewest operations
-            A_cat_T, B_b_T = self.folded
-            if B_b_T.shape[0] != x.shape[0]:
-                raise ValueError(f"folded gates are for a batch of {B_b_T.shape[0]}, the input has {x.shape[0]} rows")
-            if x.dtype == A_cat_T.dtype == y.dtype:
-                return folded_add(y, x, A_cat_T, B_b_T)
-            return y + folded_add(torch.zeros_like(y, dtype=A_cat_T.dtype), x.to(A_cat_T.dtype), A_cat_T,
-                                  B_b_T).to(y.dtype)
-        xa = x.to(self.lora_A.dtype)
-        if self.gates is not None:
-            return y + mixture_delta(xa, self.lora_A, self.lora_B, self.gates.to(xa.dtype), self.scaling).to(y.dtype)
-        return y
+        y = F.linear(x, self.base_layer.weight, self.base_layer.bias)  # [B, T, D_out]
+        if self.routed is None:
+            return y
+        A_cat, B_cat_T, g = self.routed
+        if x.dtype == A_cat.dtype == y.dtype:  # the usual case, kept to the fewest operations
+            h = F.linear(x, A_cat) * g  # [B, T, K*R]
+            # y + B_cat h as one batched product that accumulates into y (BLAS beta = 1), B_cat shared by the rows.
+            return torch.baddbmm(y, h, B_cat_T.expand(x.shape[0], -1, -1))
+        return y + mixture_delta(x.to(A_cat.dtype), A_cat, B_cat_T, g).to(y.dtype)
 
     def extra_repr(self) -> str:
         K, R, _ = self.lora_A.shape

@@ -30,7 +30,7 @@ from trinityx.backbones import load_backbone
 from trinityx.errors import TrinityXError
 from trinityx.io import atomic_dir, write_json
 from trinityx.lora.adapters import ADAPTER_FILES, Adapter, lora_scaling, read_adapter
-from trinityx.mocae.layer import MixtureLinear
+from trinityx.mocae.layer import MixtureLinear, rank_gates
 from trinityx.mocae.router import (GATE_MODES, SequenceRouter, TokenRouter, gates_from_logits, last_prompt_token,
                                    pool_prompt)
 from trinityx.paths import check_name
@@ -312,19 +312,31 @@ class MoCaEModel(nn.Module):
         """Change gate_mode / temperature / fixed_weights (ablations, calibration), validated like the config."""
         self.config = replace(self.config, **changes)
 
-    @contextmanager
-    def apply_gates(self, gates: Tensor, fold: bool = False):
-        """Set sequence gates [B, K] on every mixture layer (folded into one delta per row if `fold`)."""
+    def set_gates(self, gates: Tensor, mixtures: list[MixtureLinear] | None = None) -> None:
+        """Gates [B, K] (sequence) or [B, T, K] (token) on the mixture layers (default all) until `clear_gates()`.
+
+        Every layer has one rank and scaling (`check_experts`), so the rank-space gates are computed once."""
+        mixtures = self.mixtures if mixtures is None else mixtures
+        if not mixtures:
+            return
+        first = mixtures[0]
+        g = rank_gates(gates.to(first.lora_A.dtype), first.rank, first.scaling)
+        for m in mixtures:
+            m.use_gates(g)
+
+    def clear_gates(self) -> None:
+        """Experts off in every mixture layer (the bare backbone)."""
         for m in self.mixtures:
-            if fold:
-                m.fold(gates)
-            else:
-                m.gates = gates
+            m.clear()
+
+    @contextmanager
+    def apply_gates(self, gates: Tensor):
+        """Sequence gates [B, K] on every mixture layer for the duration of the block."""
+        self.set_gates(gates)
         try:
             yield
         finally:
-            for m in self.mixtures:
-                m.clear()
+            self.clear_gates()
 
     def _token_hook(self, index: int, mixtures: list[MixtureLinear]):
         def hook(module, args, kwargs):
@@ -332,9 +344,7 @@ class MoCaEModel(nn.Module):
             hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
             logits = self.router(index, self.router_input(hidden))  # [B, T, K]
             self._token_logits[index] = logits
-            gates = self.gates(logits)  # [B, T, K]
-            for m in mixtures:
-                m.gates = gates
+            self.set_gates(self.gates(logits), mixtures)  # [B, T, K]
 
         return hook
 
@@ -390,8 +400,7 @@ class MoCaEModel(nn.Module):
             return MoCaEOutput(loss=out.loss, logits=out.logits, gate_logits=gate_logits, gates=gates)
         self._token_logits.clear()
         out = self.backbone(**kwargs, labels=labels)
-        for m in self.mixtures:
-            m.clear()
+        self.clear_gates()
         layer_logits = torch.stack([self._token_logits[i] for i in sorted(self._token_logits)])  # [L, B, T, K]
         mask = attention_mask if prompt_mask is None else prompt_mask * attention_mask  # [B, T]
         gate_logits = pool_prompt(layer_logits.mean(0), mask)  # [B, K]
@@ -400,18 +409,17 @@ class MoCaEModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, gates: Tensor | None = None, **kwargs) -> Tensor:
         """HF `generate` on a left-padded batch. Sequence routing: gates from the prompt once (or the given
-        gates [B, K]), folded per row."""
+        gates [B, K]), set once for the whole generation."""
         if self.config.router == "token":
             # Each step's new tokens pass through the decoder layers, whose hooks route them.
             out = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            for m in self.mixtures:
-                m.clear()
+            self.clear_gates()
             return out
         if gates is None:
             gates = self.gates(self.route(input_ids, attention_mask))  # [B, K]
         # HF expands each row num_beams * num_return_sequences times, consecutively.
         gates = gates.repeat_interleave(kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1), dim=0)
-        with self.apply_gates(gates, fold=True):
+        with self.apply_gates(gates):
             return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # --- artifacts ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Two granularities (docs/design.md, "routing granularity"):
 
 - `sequence` (default): z = f(mean of the base model's hidden state over the non-pad prompt tokens), one
-  gate vector per example, the same in every adapted layer; it can be folded (see `layer.py`).
+  gate vector per example, the same in every adapted layer (applied in rank space, see `layer.py`).
 - `token`: one head per decoder layer, reading that layer's input hidden state; a gate per token and per
   layer, shared by the adapted modules of that layer.
 
