@@ -268,3 +268,15 @@ def test_a_router_of_another_definition_is_trained_again_and_its_evaluations_dro
     assert "mocae-no-gl was trained with phase states -> lm: training it again" in capsys.readouterr().out
     assert not pipeline.eval_file(run.dir, "trinityx:no-gl").exists()  # its answers came from the old router
     assert pipeline.eval_file(run.dir, "trinityx").exists() and (run.dir / "mocae" / "train_log.json").exists()
+
+
+def test_the_headline_systems_are_evaluated_first_and_the_ablations_last():
+    from trinityx.registry import ABLATIONS, SYSTEMS
+
+    order = pipeline.evaluation_order(list(SYSTEMS))
+    assert sorted(order) == sorted(SYSTEMS)  # a permutation: nothing dropped or repeated
+    assert order[:3] == ["trinityx", "merge:linear", "base"]
+    assert set(order[-len(ABLATIONS):]) == set(ABLATIONS)
+    rest = [s for s in SYSTEMS if s not in ("trinityx", "merge:linear", "base") and s not in ABLATIONS]
+    assert order[3:3 + len(rest)] == rest  # the rest of the main table keeps the config's order
+    assert pipeline.evaluation_order(["trinityx:top1", "expert:honest"]) == ["expert:honest", "trinityx:top1"]

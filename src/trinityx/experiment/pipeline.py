@@ -22,7 +22,8 @@ from trinityx.errors import TrinityXError
 from trinityx.io import to_jsonable, write_json
 from trinityx.lora.adapters import CONFIG_FILE
 from trinityx.paths import check_writable
-from trinityx.registry import BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, ROUTER_FOLDERS, SYSTEMS
+from trinityx.registry import (ABLATIONS, BASE, BENCH_SYSTEMS, EFFICIENCY_ONLY, MERGE_METHODS, MOCAE_SYSTEMS, OURS,
+                               ROUTER_FOLDERS, SYSTEMS)
 from trinityx.train.experts import LoraSettings, subsample, train_lora
 from trinityx.train.loop import TrainConfig
 from trinityx.train.router import HEAD_TRAIN, LM_TRAIN, CalibrateConfig, RouterConfig, RouterLoss, calibrate, fit_router
@@ -521,6 +522,19 @@ def _evaluate_in_worker(cfg: PipelineConfig, spec: str, judges_dir, data_dir: Pa
         return evaluate_system(cfg, Path(cfg.out), spec, judges_dir, data_dir, _WORKER["backbone"])
 
 
+HEADLINE = (OURS, f"merge:{MERGE_METHODS[0]}", BASE)  # merge:linear
+
+
+def evaluation_order(specs: list[str]) -> list[str]:
+    """The order the evaluate stage runs systems in: the headline comparison first (trinityx, merge:linear, base:
+    routing against merging and against the bare backbone), then the rest of the main table in the given order,
+    the ablations last, so that a long run stopped halfway already has the systems its main claims compare."""
+    def key(spec: str) -> tuple[bool, int]:
+        return spec in ABLATIONS, HEADLINE.index(spec) if spec in HEADLINE else len(HEADLINE)
+
+    return sorted(specs, key=key)
+
+
 def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) -> dict[str, float]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -529,8 +543,7 @@ def _evaluate_in_workers(run: Run, todo: list[str], judges_dir, data_dir: Path) 
 
     workers = min(run.cfg.eval_workers, len(todo))
     threads = max(1, torch.get_num_threads() // workers)
-    # The routed systems cost the most: start them first so the workers finish together.
-    todo = sorted(todo, key=lambda spec: not spec.startswith("trinityx"))
+    todo = evaluation_order(todo)
     print(f"evaluating {len(todo)} systems in {workers} processes x {threads} threads; "
           f"logs in {run.dir / 'eval' / 'logs'}")
     seconds = {}
