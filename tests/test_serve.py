@@ -247,11 +247,14 @@ def test_concurrent_requests_are_batched_and_unchanged(folder):
             return r.choices[0].message.content, r.model_extra["trinityx"]["gates"]
 
         alone = [one(r) for r in requests]  # one at a time: batches of one
-        batches_before = served.engine.stats()["batches"]
+        before = served.engine.stats()
+        assert before["decoded_rows"] == before["decode_steps"] > 0  # one row per decode step
         with ThreadPoolExecutor(20) as pool:
             together = list(pool.map(one, requests))
-        batches = served.engine.stats()["batches"] - batches_before
-    assert batches < 20, "the 20 concurrent requests were not batched"
+        after = served.engine.stats()
+    assert after["batches"] - before["batches"] < 20, "the 20 concurrent requests were not batched"
+    rows_per_step = (after["decoded_rows"] - before["decoded_rows"]) / (after["decode_steps"] - before["decode_steps"])
+    assert rows_per_step > 1.5, "concurrent requests were not decoded together"
     for (text, gates), (want_text, want_gates) in zip(together, alone):
         assert text == want_text
         assert gates == pytest.approx(want_gates, abs=1e-5)

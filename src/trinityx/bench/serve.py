@@ -171,8 +171,10 @@ def run_phase(served: Served, batch: int, queue: int, clients: int, cfg: BenchSe
     served.engine = Engine(old.model, old.tokenizer, old.prompt_format, max_batch_size=batch, max_queue=queue)
     with ServerThread(build_app(served)) as url:
         result = asyncio.run(run_load(url, served.name, clients, cfg.requests, cfg.max_tokens, cfg.time_limit))
-        rows = result["ok"] + 1  # + the warm-up request
-        result["mean_batch"] = rows / max(1, served.engine.stats()["batches"])
+        stats = served.engine.stats()  # warm-up request included
+        # Rows per decode step: with continuous batching a run of joined requests is one `batch`, so requests
+        # per batch says nothing about how many rows a step decodes together.
+        result["rows_per_step"] = stats["decoded_rows"] / max(1, stats["decode_steps"])
     return {"max_batch_size": batch, "max_queue": queue, "clients": clients, **result}
 
 
@@ -180,12 +182,12 @@ def print_table(cfg: BenchServeConfig, source: str, phases: dict) -> None:
     print(f"\nbench serve: {source}; {cfg.requests} chat requests per phase, max_tokens {cfg.max_tokens} (greedy), "
           f"float32 CPU, {torch.get_num_threads()} threads; clients and server in one process over loopback HTTP")
     print(f"{'phase':<14} {'batch':>5} {'queue':>5} {'clients':>7} {'ok':>4} {'429':>4} {'503':>4} {'err':>4} "
-          f"{'skip':>4} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'rows/batch':>10}")
+          f"{'skip':>4} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'rows/step':>9}")
     for name, p in phases.items():
         print(f"{name:<14} {p['max_batch_size']:>5} {p['max_queue']:>5} {p['clients']:>7} {p['ok']:>4} "
               f"{p['status_429']:>4} {p['status_503']:>4} {p['errors']:>4} {p['skipped']:>4} "
               f"{p['requests_per_s']:>6.2f} {p['tokens_per_s']:>7.1f} {p['p50_s']:>6.2f} {p['p95_s']:>6.2f} "
-              f"{p['p99_s']:>6.2f} {p['mean_batch']:>10.2f}")
+              f"{p['p99_s']:>6.2f} {p['rows_per_step']:>9.2f}")
 
 
 def bench_serve(cfg: BenchServeConfig) -> dict:

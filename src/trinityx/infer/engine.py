@@ -169,13 +169,14 @@ def stack_caches(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache, new
 
 @torch.inference_mode()
 def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int], forward=None,
-              join: Callable[[list[Row]], list[Row]] | None = None) -> None:
+              join: Callable[[list[Row]], list[Row]] | None = None,
+              on_step: Callable[[int], None] | None = None) -> None:
     """Answer `rows` together: route, prefill a left-padded batch, then decode token by token with a KV cache.
 
     `forward` is the backbone call (default `model.backbone`); each row's events go to its `emit`. Between two
     decode steps, `join(running rows)` hands over rows that arrived since: they are prefilled on their
     own and their cache rows join the batch's (continuous batching, as vLLM and TGI do), so a long answer never
-    holds a new request back.
+    holds a new request back. `on_step(rows)` is told how many rows each decode step runs.
     """
     forward = forward or model.backbone
     cache, mask, gates, logits = prefill(model, tokenizer, rows, forward)
@@ -212,6 +213,8 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
                     active, trackers = [active[j] for j in keep], [trackers[j] for j in keep]
                     model.set_gates(gates)
                 mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)  # [B, T + 1]
+                if on_step is not None:
+                    on_step(len(active))
                 logits = forward(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                                  past_key_values=cache, use_cache=True).logits[:, -1, :]  # [B, V]
             if newcomers:
@@ -279,6 +282,8 @@ class Engine:
         self.cond = threading.Condition()
         self.closed = False
         self.batches = 0
+        self.decode_steps = 0  # decode steps run, and the rows they decoded together (summed over the steps)
+        self.decoded_rows = 0
         self.thread = threading.Thread(target=self._work, name="trinityx-engine", daemon=True)
 
     def start(self) -> "Engine":
@@ -296,7 +301,13 @@ class Engine:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"queued": len(self.pending), "running": len(self.running), "batches": self.batches}
+            return {"queued": len(self.pending), "running": len(self.running), "batches": self.batches,
+                    "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows}
+
+    def _count_step(self, rows: int) -> None:
+        with self.cond:
+            self.decode_steps += 1
+            self.decoded_rows += rows
 
     def _take_batch(self) -> list[Row] | None:
         with self.cond:
@@ -332,7 +343,7 @@ class Engine:
             if not batch:
                 continue
             try:
-                run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward, self._join)
+                run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward, self._join, self._count_step)
             except Exception as e:  # a failed batch answers its requests with a 500; the server keeps serving
                 traceback.print_exc()
                 with self.cond:
