@@ -6,7 +6,9 @@
 Three tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
 token limit; `trinityx` against every other system; every system against `base`. The last two are paired
 (`evaluate.paired_comparison`: a paired bootstrap of the per-item difference, a win or a loss only when the
-interval excludes 0), the same numbers `trinityx compare` prints. Metrics whose judge does not beat its trivial
+interval excludes 0), the same numbers `trinityx compare` prints, on the items both systems were scored on
+(their count is in the table: while a long run is re-evaluating its systems on more items, two systems may
+share only the first tier's). Metrics whose judge does not beat its trivial
 baseline are marked n/m (`metrics.JUDGES_OF_METRIC`), as the report marks them.
 """
 
@@ -21,6 +23,7 @@ COLUMNS = (("helpful", "win_rate", "win rate %"), ("helpful", "lc_win_rate", "LC
            ("harmless", "safety_score", "safety score %"), ("honest", "mc1", "MC1 %"), ("honest", "mc2", "MC2 %"),
            ("honest", "truthful_rate", "truthful %"), ("honest", "informative_rate", "informative %"),
            ("honest", "truthful_informative_rate", "truth x info %"))
+AXES = ("helpful", "harmless", "honest")
 PAIRED = ("safety_score", "mc1", "mc2", "truthful_rate", "informative_rate", "truthful_informative_rate")
 
 
@@ -35,8 +38,8 @@ def measurable(axis_record: dict, metric: str) -> bool:
 
 
 def main_table(run: Path, systems: list[str]) -> list[str]:
-    lines = ["| system | " + " | ".join(c[2] for c in COLUMNS) + " | cut at the token limit % (Alpaca / Beaver / TQA) |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+    lines = ["| system | n (Alpaca / Beaver / TQA) | " + " | ".join(c[2] for c in COLUMNS)
+             + " | cut at the token limit % (Alpaca / Beaver / TQA) |", "|---" * (len(COLUMNS) + 3) + "|"]
     for system in systems:
         axes = json.loads(result_file(run, system).read_text())["axes"]
         cells = []
@@ -48,23 +51,25 @@ def main_table(run: Path, systems: list[str]) -> list[str]:
             else:
                 low, high = record[f"{metric}_ci"]
                 cells.append(f"{value:.1f} [{low:.1f}, {high:.1f}]")
-        cut = " / ".join(f"{axes[a]['metrics']['cut_at_token_limit']:.0f}" for a in ("helpful", "harmless", "honest"))
+        cut = " / ".join(f"{axes[a]['metrics']['cut_at_token_limit']:.0f}" for a in AXES)
+        n = " / ".join(str(axes[a]["metrics"]["n"]) for a in AXES)
         name = f"**`{system}`**" if system == OURS else f"`{system}`"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cut} |")
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {cut} |")
     return lines
 
 
 def paired_table(pairs: list[tuple[str, str]], values: dict) -> list[str]:
-    lines = ["| comparison | " + " | ".join(PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
+    lines = ["| comparison | shared items (Beaver / TQA) | " + " | ".join(PAIRED) + " |", "|---" * (len(PAIRED) + 2) + "|"]
     for a, b in pairs:
         compared = paired_comparison(values[a], values[b], 0, 1000)
+        shared = f"{compared['safety_score']['n']} / {compared['mc1']['n']}"
         cells = []
         for metric in PAIRED:
             d = compared[metric]
             low, high = d["ci95"]
             text = f"{d['difference']:+.1f} [{low:+.1f}, {high:+.1f}] {d['verdict']}"
             cells.append(f"**{text}**" if d["verdict"] != "tie" else text)
-        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
+        lines.append(f"| `{a}` − `{b}` | {shared} | " + " | ".join(cells) + " |")
     return lines
 
 
