@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/router_probe.py features --data-dir ../shared/data --out runs/probe/states.pt
     python benchmarks/router_probe.py probe runs/probe/states.pt
+    python benchmarks/router_probe.py curve runs/probe/states.pt   # accuracy against routing prompts per dimension
 
 `features` runs the bare backbone once over every routing prompt (the built-in sources of
 `trinityx.data.ROUTING_SOURCES`, all splits, PKU-SafeRLHF subsampled to 1,500) and over the three evaluation
@@ -106,6 +107,36 @@ def probe(args) -> None:
             print(json.dumps(row))
 
 
+def curve(args) -> None:
+    """Accuracy against routing prompts per dimension: how many the head needs (the routing pass costs per prompt)."""
+    import json
+
+    saved = torch.load(args.states, weights_only=True)
+    prompts, labels = saved["sets"]["routing"]
+    labels = torch.tensor(labels)
+    split = [data.split_of(p, data.ROUTING_FRACTIONS, data.ROUTING_SPLIT_SEED) for p in prompts]
+    train = torch.tensor([s != "test" for s in split])
+    layers, pooling = (15,), "mean+last"
+    x = design(saved["states"]["routing"], layers, pooling)
+    print(f"{'per dim':>8} {'seed':>4} {'train n':>7} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
+    for n in args.per_dimension:
+        for seed in range(args.seeds):
+            g = torch.Generator().manual_seed(seed)
+            chosen = []
+            for k in range(int(labels.max()) + 1):
+                pool = torch.nonzero(train & (labels == k)).flatten()
+                chosen.append(pool[torch.randperm(len(pool), generator=g)[:n]])
+            idx = torch.cat(chosen)
+            predict = fit_probe(x[idx], labels[idx], args.l2)
+            row = {"per_dimension": n, "seed": seed, "train_n": len(idx), "layers": list(layers), "pooling": pooling,
+                   "l2": args.l2, "routing_test": (predict(x[~train]) == labels[~train]).float().mean().item()}
+            for name, k in EVAL_SETS.items():
+                row[name] = (predict(design(saved["states"][name], layers, pooling)) == k).float().mean().item()
+            print(f"{n:>8} {seed:>4} {len(idx):>7} {row['routing_test']:>12.3f} "
+                  + " ".join(f"{row[name]:>12.3f}" for name in EVAL_SETS))
+            print(json.dumps(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,8 +148,13 @@ def main() -> None:
     p = sub.add_parser("probe")
     p.add_argument("states")
     p.add_argument("--l2", type=float, nargs="+", default=[1e-3, 1e-2])
+    c = sub.add_parser("curve")
+    c.add_argument("states")
+    c.add_argument("--per-dimension", type=int, nargs="+", default=[100, 200, 300, 400, 600, 100000])
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--l2", type=float, default=1e-2)
     args = parser.parse_args()
-    features(args) if args.command == "features" else probe(args)
+    {"features": features, "probe": probe, "curve": curve}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -343,7 +343,8 @@ class Engine:
             if not batch:
                 continue
             try:
-                run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward, self._join, self._count_step)
+                run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward, self._join,
+                          self._count_step)
             except Exception as e:  # a failed batch answers its requests with a 500; the server keeps serving
                 traceback.print_exc()
                 with self.cond:

@@ -41,7 +41,7 @@ def rank_gates(gates: Tensor, rank: int, scaling: float) -> Tensor:
 
 
 def mixture_delta(x: Tensor, A_cat: Tensor, B_cat_T: Tensor, g_rank: Tensor) -> Tensor:
-    """sum_k g_k s B_k A_k x = B_cat (g_rank * (A_cat x)) for x [B, T, D_in] and g_rank [B, 1 or T, K*R] -> [B, T, D_out]."""
+    """sum_k g_k s B_k A_k x = B_cat (g_rank * (A_cat x)): x [B, T, D_in], g_rank [B, 1 or T, K*R] -> [B, T, D_out]."""
     return (F.linear(x, A_cat) * g_rank) @ B_cat_T
 
 
