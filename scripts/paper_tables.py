@@ -3,12 +3,12 @@
     python scripts/paper_tables.py runs/paper            # every system evaluated so far, in the registry's order
     python scripts/paper_tables.py runs/paper_eval_tier1 # or a folder of result files (a copy of a run's eval/)
 
-Three tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
+Four tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
 token limit; `trinityx` against every other system; every system against `base`. The last two are paired
 (`evaluate.paired_comparison`: a paired bootstrap of the per-item difference, a win or a loss only when the
 interval excludes 0), the same numbers `trinityx compare` prints, on the items both systems were scored on
 (their count is in the table: while a long run is re-evaluating its systems on more items, two systems may
-share only the first tier's). Metrics whose judge does not beat its trivial
+share only the first tier's); and the paper's relative gains of `trinityx` over base and over the best baseline. Metrics whose judge does not beat its trivial
 baseline are marked n/m (`metrics.JUDGES_OF_METRIC`), as the report marks them.
 """
 
@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 
 from trinityx.eval.evaluate import item_values, paired_comparison, weak_judges
-from trinityx.registry import BASE, OURS, SYSTEMS
+from trinityx.eval.metrics import relative_gain
+from trinityx.experiment.report import PAPER_GAINS
+from trinityx.registry import BASE, BASELINES, OURS, SYSTEMS
 
 COLUMNS = (("helpful", "win_rate", "win rate %"), ("helpful", "lc_win_rate", "LC win rate %"),
            ("harmless", "safety_score", "safety score %"), ("honest", "mc1", "MC1 %"), ("honest", "mc2", "MC2 %"),
@@ -73,6 +75,31 @@ def paired_table(pairs: list[tuple[str, str]], values: dict) -> list[str]:
     return lines
 
 
+def gains_table(run: Path, systems: list[str], values: dict) -> list[str]:
+    """The paper's relative gains, 100 (trinityx - reference) / reference, on its three headline metrics, against
+    base and against the best baseline (expert:*, datamix, merge:*) on that metric, with the paired verdict."""
+    lines = ["| metric | `trinityx` | `base` | gain vs base | best baseline | gain vs best baseline | paper's claim |",
+             "|---" * 7 + "|"]
+    records = {s: json.loads(result_file(run, s).read_text())["axes"] for s in systems}
+    for axis, metric, label in ((a, m, lab) for a, m, lab in COLUMNS
+                                if m in ("win_rate", "safety_score", "truthful_informative_rate")):
+        value = {s: records[s][axis]["metrics"][metric] for s in systems}
+        best = max((s for s in systems if s in BASELINES), key=lambda s: value[s], default=None)
+        cells = []
+        for reference in (BASE, best):
+            if reference is None or reference not in systems:
+                cells += ["-", "-"]
+                continue
+            gain = relative_gain(value[OURS], value[reference])
+            verdict = ("n/m" if not measurable(records[OURS][axis], metric) else
+                       paired_comparison(values[OURS], values[reference], 0, 1000).get(metric, {}).get("verdict", "-"))
+            name = f"`{reference}` {value[reference]:.1f}" if reference != BASE else f"{value[reference]:.1f}"
+            cells += [name, f"{gain:+.1f} % ({verdict})" if gain is not None else "-"]
+        lines.append(f"| {label} | {value[OURS]:.1f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                     f"+{PAPER_GAINS[metric]} % |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a run folder (its eval/ holds one result file per system) or such a folder")
@@ -86,6 +113,8 @@ def main() -> None:
     if OURS in systems:
         print()
         print("\n".join(paired_table([(OURS, s) for s in systems if s != OURS], values)))
+        print()
+        print("\n".join(gains_table(args.run, systems, values)))
     if BASE in systems:
         print()
         print("\n".join(paired_table([(s, BASE) for s in systems if s != BASE], values)))
