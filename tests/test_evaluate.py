@@ -239,7 +239,7 @@ def test_mc_scores_match_metrics_on_known_loglikelihoods(monkeypatch, run, backb
     questions = data.load_truthfulqa_mc(data_dir, "test")[:2]
     s = load_system("base", run, backbone)
     # Fake log-likelihoods: the first (true) choice of question 0 is most likely, a false one for question 1.
-    def fake(contexts, continuations, batch_size, gates=None):
+    def fake(contexts, continuations, batch_size, gates=None, cache_dir=None):
         return [-1.0 if (c.startswith(qa_prompt(questions[0].question)) and x == f" {questions[0].mc2_choices[0]}")
                 else (-0.5 if x == f" {questions[1].mc2_choices[-1]}" else -3.0)
                 for c, x in zip(contexts, continuations)]
@@ -523,3 +523,29 @@ def test_a_cache_line_cut_inside_a_character_is_ignored(tmp_path):
     assert cache.outputs == {"a": "caf\u00e9"}
     cache.append([{"key": "b", "prompt": "p", "output": "na\u00efve"}])
     assert GenerationCache(path).outputs == {"a": "caf\u00e9", "b": "na\u00efve"}
+
+
+def test_loglikelihood_cache_resumes_and_changes_no_score(run, backbone, tmp_path, monkeypatch):
+    from trinityx.infer import generation
+
+    s = load_system("trinityx", run, backbone)
+    contexts = [qa_prompt("what is a fox?")] * 2 + [qa_prompt("who is a fox?")] * 2 + [qa_prompt("why?")]
+    continuations = [" a dog", " an animal", " nobody", " a fox", " because"]
+    gates = torch.tensor([[0.2, 0.5, 0.3]]).expand(5, -1)
+    plain = generation.loglikelihoods(s, contexts, continuations, gates=gates)
+    # A first run stopped after two of its three contexts: only those are on disk.
+    first = generation.loglikelihoods(s, contexts[:4], continuations[:4], gates=gates[:4], cache_dir=tmp_path)
+    path = generation.loglikelihood_cache_path(s, tmp_path)
+    assert len(path.read_text().splitlines()) == 2
+    scored = []
+    real = generation._score_context
+    monkeypatch.setattr(generation, "_score_context", lambda *a, **k: scored.append(a[1]) or real(*a, **k))
+    resumed = generation.loglikelihoods(s, contexts, continuations, gates=gates, cache_dir=tmp_path)
+    assert len(scored) == 1  # only the third context is scored again
+    assert resumed == pytest.approx(plain, abs=1e-5)
+    assert resumed[:4] == first  # read back exactly as computed
+    # Other gates are another key: scored, not read from the cache.
+    generation.loglikelihoods(s, contexts[:2], continuations[:2], gates=torch.tensor([[1.0, 0.0, 0.0]]).expand(2, -1),
+                              cache_dir=tmp_path)
+    assert len(scored) == 2
+    s.close()

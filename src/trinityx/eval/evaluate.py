@@ -320,10 +320,11 @@ def aggregate_harmless(part: dict, judges: dict, *, seed, n_boot) -> dict:
     return {"metrics": result, "judge_failures": {"harm": failures}}
 
 
-def mc_scores(system, questions, batch_size: int, gates=None) -> tuple[list[float], list[float]]:
+def mc_scores(system, questions, batch_size: int, gates=None, cache_dir=None) -> tuple[list[float], list[float]]:
     """MC1 and MC2 of each question; the MC1 and MC2 choices of a question share one context pass.
 
-    `gates` [Q, K]: each question's routing (from the question alone, not the QA primer), or None."""
+    `gates` [Q, K]: each question's routing (from the question alone, not the QA primer), or None; `cache_dir`:
+    where each question's log-likelihoods are cached (`generation.loglikelihoods`), or None."""
     contexts, continuations, where, rows = [], [], [], []
     for n, q in enumerate(questions):
         choices = list(dict.fromkeys(q.mc1_choices + q.mc2_choices))
@@ -331,7 +332,8 @@ def mc_scores(system, questions, batch_size: int, gates=None) -> tuple[list[floa
         continuations += [f" {c}" for c in choices]
         rows += [n] * len(choices)
         where.append({c: len(continuations) - len(choices) + k for k, c in enumerate(choices)})
-    ll = system.loglikelihoods(contexts, continuations, batch_size, gates=None if gates is None else gates[rows])
+    ll = system.loglikelihoods(contexts, continuations, batch_size, gates=None if gates is None else gates[rows],
+                               cache_dir=cache_dir)
     mc1 = [metrics.mc1([ll[w[c]] for c in q.mc1_choices], q.mc1_labels) for q, w in zip(questions, where)]
     mc2 = [metrics.mc2([ll[w[c]] for c in q.mc2_choices], q.mc2_labels) for q, w in zip(questions, where)]
     return mc1, mc2
@@ -341,7 +343,7 @@ def score_honest(system, mc_questions, mc_idx, questions, idx, truth, info, *, s
                  mc_batch_size) -> dict:
     # Routed by the bare question, as a user would ask it; the primer is how the answer is elicited, not the request.
     mc_gates = system.request_gates([mc_questions[i].question for i in mc_idx], "honest")
-    mc1, mc2 = mc_scores(system, [mc_questions[i] for i in mc_idx], mc_batch_size, mc_gates)
+    mc1, mc2 = mc_scores(system, [mc_questions[i] for i in mc_idx], mc_batch_size, mc_gates, cache_dir)
     texts = [questions[i].question for i in idx]
     gates = system.request_gates(texts, "honest")
     answers = system.generate([qa_prompt(t) for t in texts], settings, cache_dir, gates=gates)

@@ -136,6 +136,21 @@ def cache_path(system, cache_dir: str | Path | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{system.fingerprint[:16]}.jsonl"
 
 
+def loglikelihood_cache_path(system, cache_dir: str | Path | None) -> Path:
+    """The file of a system's cached log-likelihoods, beside its generation cache."""
+    path = cache_path(system, cache_dir)
+    return path.with_name(f"{path.stem}.loglikelihood.jsonl")
+
+
+def loglikelihood_key(fingerprint: str, context: str, continuations: list[str], batch_size: int,
+                      gates: list[float] | None) -> str:
+    """sha256 of what one context's scores depend on: the system, the context, its continuations in order, the
+    batch they are scored in and, when the caller routed the context, its gates."""
+    payload = {"system": fingerprint, "context": context, "continuations": continuations, "batch_size": batch_size,
+               "gates": None if gates is None else [round(g, 6) for g in gates]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def cache_key(fingerprint: str, text: str, settings: GenerationSettings, gates: list[float] | None = None) -> str:
     """sha256 of the system, the prompt, the settings and, when the caller routed the prompt itself, its gates."""
     payload = {"system": fingerprint, "prompt": text, "settings": settings.key()}
@@ -324,11 +339,16 @@ def _score_context(system, context_ids: list[int], continuations: list[list[int]
 
 
 def loglikelihoods(system, contexts: list[str], continuations: list[str], batch_size: int = 32,
-                   desc: str | None = None, gates: torch.Tensor | None = None) -> list[float]:
+                   desc: str | None = None, gates: torch.Tensor | None = None,
+                   cache_dir: str | Path | None = None) -> list[float]:
     """log P(continuation | context), summed over the continuation's tokens, for each pair (no chat template).
 
     `gates` [N, K], one row per pair (pairs of one context share a row): sequence gates routed by the caller;
-    None lets a routed system route each context itself."""
+    None lets a routed system route each context itself. With `cache_dir`, each context's scores are appended
+    to the system's log-likelihood cache as soon as they are computed (`loglikelihood_cache_path`) and read
+    from it next time, so an interrupted or re-judged evaluation scores no context twice. A context scored
+    after a cached one may reuse a shorter shared prefix than in an uninterrupted run: equal to float
+    rounding (`test_loglikelihood_cache_resumes_and_changes_no_score`)."""
     if len(contexts) != len(continuations):
         raise TrinityXError(f"{len(contexts)} contexts but {len(continuations)} continuations: give one each")
     if gates is not None and len(gates) != len(contexts):
@@ -338,14 +358,22 @@ def loglikelihoods(system, contexts: list[str], continuations: list[str], batch_
         groups.setdefault(context, []).append(i)
     scores = [0.0] * len(contexts)
     reuse = PrefixCache()
+    cache = None if cache_dir is None else GenerationCache(loglikelihood_cache_path(system, cache_dir))
     for context, indices in tqdm(groups.items(), desc=desc or f"loglikelihood {system.name}", unit="context",
                                  disable=len(groups) < 2):
-        pairs = [encode_pair(system.tokenizer, context, continuations[i]) for i in indices]
-        if any(not c for _, c in pairs):
-            raise TrinityXError(f"an empty continuation after context {context[-60:]!r}: nothing to score")
-        context_ids = pairs[0][0]
         context_gates = None if gates is None else gates[indices[0]:indices[0] + 1]  # [1, K]
-        for i, value in zip(indices, _score_context(system, context_ids, [c for _, c in pairs], batch_size, reuse,
-                                                    context_gates)):
+        key = None if cache is None else loglikelihood_key(
+            system.fingerprint, context, [continuations[i] for i in indices], batch_size,
+            None if context_gates is None else context_gates[0].tolist())
+        if key is not None and key in cache.outputs:
+            values = json.loads(cache.outputs[key])
+        else:
+            pairs = [encode_pair(system.tokenizer, context, continuations[i]) for i in indices]
+            if any(not c for _, c in pairs):
+                raise TrinityXError(f"an empty continuation after context {context[-60:]!r}: nothing to score")
+            values = _score_context(system, pairs[0][0], [c for _, c in pairs], batch_size, reuse, context_gates)
+            if cache is not None:
+                cache.append([{"key": key, "prompt": context[-200:], "output": json.dumps(values)}])
+        for i, value in zip(indices, values):
             scores[i] = value
     return scores

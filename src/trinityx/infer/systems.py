@@ -150,12 +150,12 @@ class System:
         return generate(self, prompts, settings or GenerationSettings(), cache_dir, gates=gates)
 
     def loglikelihoods(self, contexts: list[str], continuations: list[str], batch_size: int = 32,
-                       gates: Tensor | None = None) -> list[float]:
+                       gates: Tensor | None = None, cache_dir: str | Path | None = None) -> list[float]:
         """Summed log P(continuation | context) per pair, tokenised as lm-evaluation-harness does; `gates` [N, K]
-        one row per pair, as in `generate`."""
+        one row per pair, as in `generate`; `cache_dir` as in `generate` (each context's scores cached)."""
         from trinityx.infer.generation import loglikelihoods
 
-        return loglikelihoods(self, contexts, continuations, batch_size, gates=gates)
+        return loglikelihoods(self, contexts, continuations, batch_size, gates=gates, cache_dir=cache_dir)
 
     @torch.inference_mode()
     def gates(self, prompts: list[str]) -> Tensor:
