@@ -8,7 +8,9 @@ a row that finishes leaves the batch at once (its cache rows and gates are dropp
 long one, and a request that arrives while a batch decodes joins it between two decode steps (prefilled on its
 own, its cache rows appended; continuous batching, as vLLM and TGI do), so it never waits for a long answer
 either. A client that disconnects stops its row at the next step. Left padding with position ids that skip
-the pads makes a row's greedy answer the same in any batch.
+the pads makes a row's greedy answer the same in any batch up to float rounding: padding changes the shapes of
+the products, so on a real model a near-tie between two tokens can flip (3 of 8 prompts of
+`benchmarks/greedy_answers.py` under HF `generate`; 0 of 32 in `bench serve`).
 
 Legend: B batch (active rows), T tokens, K experts, V vocabulary.
 """
