@@ -85,14 +85,18 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float):
     return lambda v: (((v - mean) / std) @ W.detach() + b.detach()).argmax(-1)
 
 
+def load_states(path: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The saved states, the routing prompts' labels [N] and which of them are in routing train + dev [N]."""
+    saved = torch.load(path, weights_only=True)  # tensors, strings and lists only: no code runs
+    prompts, labels = saved["sets"]["routing"]
+    split = [data.split_of(p, data.ROUTING_FRACTIONS, data.ROUTING_SPLIT_SEED) for p in prompts]
+    return saved, torch.tensor(labels), torch.tensor([s != "test" for s in split])
+
+
 def probe(args) -> None:
     import json
 
-    saved = torch.load(args.states, weights_only=True)  # tensors, strings and lists only: no code runs
-    prompts, labels = saved["sets"]["routing"]
-    labels = torch.tensor(labels)
-    split = [data.split_of(p, data.ROUTING_FRACTIONS, data.ROUTING_SPLIT_SEED) for p in prompts]
-    train = torch.tensor([s != "test" for s in split])
+    saved, labels, train = load_states(args.states)
     print(f"{'layers':<14} {'pooling':<10} {'l2':>6} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
     for layers, pooling in CONFIGS:
         for l2 in args.l2:
@@ -111,11 +115,7 @@ def curve(args) -> None:
     """Accuracy against routing prompts per dimension: how many the head needs (the routing pass costs per prompt)."""
     import json
 
-    saved = torch.load(args.states, weights_only=True)
-    prompts, labels = saved["sets"]["routing"]
-    labels = torch.tensor(labels)
-    split = [data.split_of(p, data.ROUTING_FRACTIONS, data.ROUTING_SPLIT_SEED) for p in prompts]
-    train = torch.tensor([s != "test" for s in split])
+    saved, labels, train = load_states(args.states)
     layers, pooling = (15,), "mean+last"
     x = design(saved["states"]["routing"], layers, pooling)
     print(f"{'per dim':>8} {'seed':>4} {'train n':>7} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))

@@ -136,6 +136,11 @@ def cache_path(system, cache_dir: str | Path | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{system.fingerprint[:16]}.jsonl"
 
 
+def digest(payload: dict) -> str:
+    """sha256 of a JSON-able cache payload (keys sorted): the one key function of both caches."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def loglikelihood_cache_path(system, cache_dir: str | Path | None) -> Path:
     """The file of a system's cached log-likelihoods, beside its generation cache."""
     path = cache_path(system, cache_dir)
@@ -146,9 +151,8 @@ def loglikelihood_key(fingerprint: str, context: str, continuations: list[str], 
                       gates: list[float] | None) -> str:
     """sha256 of what one context's scores depend on: the system, the context, its continuations in order, the
     batch they are scored in and, when the caller routed the context, its gates."""
-    payload = {"system": fingerprint, "context": context, "continuations": continuations, "batch_size": batch_size,
-               "gates": None if gates is None else [round(g, 6) for g in gates]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest({"system": fingerprint, "context": context, "continuations": continuations,
+                   "batch_size": batch_size, "gates": None if gates is None else [round(g, 6) for g in gates]})
 
 
 def cache_key(fingerprint: str, text: str, settings: GenerationSettings, gates: list[float] | None = None) -> str:
@@ -156,7 +160,7 @@ def cache_key(fingerprint: str, text: str, settings: GenerationSettings, gates: 
     payload = {"system": fingerprint, "prompt": text, "settings": settings.key()}
     if gates is not None:
         payload["gates"] = [round(g, 6) for g in gates]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest(payload)
 
 
 BACKENDS = ("hf", "vllm")
