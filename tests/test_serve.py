@@ -430,3 +430,41 @@ def test_a_new_request_joins_a_running_batch(folder, client, reference):
         # Joining changes no greedy answer: each equals the model's own answer alone.
         assert short.json()["choices"][0]["message"]["content"] == hf_answer(reference, QUESTIONS[2], 4)[0]
         assert long.result().json()["choices"][0]["message"]["content"] == hf_answer(reference, question, 60)[0]
+
+
+def test_rows_join_across_a_sliding_window_and_keep_their_answers(tmp_path):
+    """Gemma 3's sliding-window cache layers join a running batch too (continuous batching on Gemma-3-270M), and
+    joining changes no greedy answer, whichever batch is longer and whether the window is full or not yet."""
+    from trinityx.infer.engine import Row, joinable, run_batch
+
+    from tiny import build_tiny_gemma3, build_tokenizer
+
+    backbone = build_tiny_gemma3(tmp_path / "gemma3", sliding_window=6)
+    model = MoCaEModel.from_pretrained(make_mocae_folder(backbone, tmp_path), load(backbone))
+    tok = build_tokenizer()
+    assert joinable(model)
+
+    def answers(first, join_after=None, joiners=()):
+        """{name: greedy text}: `first` rows decode together; `joiners` join them after `join_after` steps."""
+        texts, calls = {}, {"n": 0}
+
+        def row(name, text, max_tokens):
+            texts[name] = []
+            return Row(prompt_ids=tok(text, add_special_tokens=False).input_ids, max_tokens=max_tokens,
+                       emit=lambda event: event[0] == "delta" and texts[name].append(event[1]))
+
+        def join(running):
+            calls["n"] += 1
+            return [row(*spec) for spec in joiners] if calls["n"] == join_after else []
+
+        run_batch(model, tok, [row(*spec) for spec in first], set(), join=join)
+        return {name: "".join(parts) for name, parts in texts.items()}
+
+    long = ("long", "The quick brown fox jumps over the lazy dog. Give three tips", 14)  # 27 tokens: beyond the window
+    short, mid = ("short", "yes no", 16), ("mid", "What happens if you eat", 9)
+    alone = {**answers([long]), **answers([short]), **answers([mid])}
+    assert len(set(alone.values())) == 3
+    for after in (1, 3, 8):  # the running batch is the longer one
+        assert answers([long], after, [short, mid]) == alone
+    for after in (1, 2, 5):  # the newcomer is longer: at step 1 the running batch has not filled its window yet
+        assert answers([short], after, [long]) == {"short": alone["short"], "long": alone["long"]}

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 
@@ -50,6 +51,22 @@ def build_tiny_backbone(out: Path, seed: int = 0, layers: int = 2) -> Path:
     )
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_gemma3(out: Path, sliding_window: int = 6) -> Path:
+    """Save a random 2-layer Gemma 3 (one sliding-window layer of `sliding_window` positions, one full) and the
+    tokenizer to `out`: the cache kind of the embedded Gemma-3-270M, with a window short prompts overflow."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    Gemma3ForCausalLM(config).to(torch.float32).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from trinityx.backbones import PLAIN_TEMPLATE
 from trinityx.mocae import MoCaEModel
@@ -148,25 +148,34 @@ def prefill(model: MoCaEModel, tokenizer, rows: list[Row], forward) -> tuple[Dyn
 
 
 def joinable(model: MoCaEModel) -> bool:
-    """Whether new rows can join a running batch: every cache layer a plain growing one. A sliding-window layer
-    (Gemma 3) keeps the last W positions of each batch, which two batches of other lengths do not share."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.backbone.config).layers)
+    """Whether new rows can join a running batch: every cache layer a growing one (`stack_caches` knows how to
+    append to both kinds HF builds for our backbones: the plain layer and Gemma 3's sliding-window layer)."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+               for layer in DynamicCache(config=model.backbone.config).layers)
 
 
 def stack_caches(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache, new_mask: torch.Tensor) -> torch.Tensor:
     """Append the rows of `new` to `cache` (KV [B, H, T, D] per layer), left-padding the shorter batch with masked
     zeros, as the prefill pads a short prompt; returns the joint mask [B + B', T]. Positions come from the mask, so
-    the padding changes no row's answer."""
+    the padding changes no row's answer.
+
+    A sliding-window layer (Gemma 3) keeps only the last W - 1 positions of its batch and counts every position it
+    has seen (`cumulative_length`, from which HF places the window on the mask). Both batches' kept positions are
+    the last ones of the joint timeline, so left-padding each to the longer kept length lines them up, and the
+    joint layer has seen as many positions as the joint mask is long."""
     T = max(mask.shape[1], new_mask.shape[1])
 
-    def left(x: torch.Tensor, dim: int) -> torch.Tensor:
-        pad = [0, 0] * (-dim - 1) + [T - x.shape[dim], 0]
+    def left(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+        pad = [0, 0] * (-dim - 1) + [length - x.shape[dim], 0]
         return torch.nn.functional.pad(x, pad)
 
     for layer, other in zip(cache.layers, new.layers):
-        layer.keys = torch.cat([left(layer.keys, -2), left(other.keys, -2)])
-        layer.values = torch.cat([left(layer.values, -2), left(other.values, -2)])
-    return torch.cat([left(mask, -1), left(new_mask, -1)])
+        kept = max(layer.keys.shape[-2], other.keys.shape[-2])  # T for a plain layer, min(T, W - 1) for a sliding one
+        layer.keys = torch.cat([left(layer.keys, -2, kept), left(other.keys, -2, kept)])
+        layer.values = torch.cat([left(layer.values, -2, kept), left(other.values, -2, kept)])
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = T
+    return torch.cat([left(mask, -1, T), left(new_mask, -1, T)])
 
 
 @torch.inference_mode()
