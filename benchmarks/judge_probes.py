@@ -6,6 +6,11 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     # harm: frozen SmolLM2 states of (chat prompt, response) at layers 6, 10, 15, 20; 3,500 training pairs
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-states --data-dir ../shared/data --out runs/judge_probes
     python benchmarks/judge_probes.py harm-probe --out runs/judge_probes
+    # the same on Gemma-3-270M's states (layers 4, 6, 9, 12 of 18)
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-states --backbone gemma3-270m --out runs/judge_probes/gemma3
+    # truth and info: the default judges' 26 reference features beside SmolLM2's states of (question, answer)
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py truth-states --data-dir ../shared/data --out runs/judge_probes/truth
+    python benchmarks/judge_probes.py truth-probe --out runs/judge_probes/truth
     # harm: a saved judge's test metrics at the dev threshold of each rule (accuracy, balanced accuracy)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
     # harm: SmolLM2 itself as the judge, LoRA on layers 13-20 and a head, fine-tuned end to end (3,000 pairs, 1 epoch)
@@ -33,16 +38,18 @@ from trinityx.data import load_judgements, load_labelled_responses
 from trinityx.eval.judges.train import (THRESHOLD_RULES, _fit_scorer, _sample, accuracy, auroc, balanced_accuracy, best_threshold, confusion,
                                    length_rule_agreement, pairwise_agreement, similar_length)
 
-STATE_LAYERS = (6, 10, 15, 20)
+# The same relative depths (1/5, 1/3, 1/2, 2/3) of each backbone's decoder: SmolLM2 has 30 layers, Gemma-3-270M 18.
+STATE_LAYERS = {"smollm2-135m": (6, 10, 15, 20), "gemma3-270m": (4, 6, 9, 12)}
 POOLINGS = ("response mean", "last token", "prompt mean")
 
 
-def harm_states(data_dir: str, out: Path, train_pairs: int) -> None:
+def harm_states(data_dir: str, out: Path, train_pairs: int, backbone_name: str) -> None:
     """Features of every distinct (prompt, response) of dev and test and `train_pairs` of train: [N, 3 L, D]."""
     from trinityx.backbones import load_backbone
     from trinityx.eval.judges.features import pair_states
 
-    backbone = load_backbone("smollm2-135m")
+    layers = STATE_LAYERS[backbone_name]
+    backbone = load_backbone(backbone_name)
     out.mkdir(parents=True, exist_ok=True)
     for split, limit in (("test", None), ("dev", None), ("train", train_pairs)):
         pairs = sorted({(r.prompt, r.response) for r in load_labelled_responses(data_dir, split)})
@@ -50,9 +57,10 @@ def harm_states(data_dir: str, out: Path, train_pairs: int) -> None:
             pairs = sorted(random.Random(0).sample(pairs, limit))
         t0 = time.perf_counter()
         x = pair_states(backbone.model, backbone.tokenizer, backbone.prompt_format, [p for p, _ in pairs],
-                        [r for _, r in pairs], layers=STATE_LAYERS, max_prompt_tokens=64, max_response_tokens=160)
+                        [r for _, r in pairs], layers=layers, max_prompt_tokens=64, max_response_tokens=160)
         print(f"{split}: {len(pairs)} pairs in {time.perf_counter() - t0:.0f} s", flush=True)
-        torch.save({"pairs": pairs, "x": x.view(len(pairs), 3 * len(STATE_LAYERS), -1)}, out / f"{split}.pt")
+        torch.save({"pairs": pairs, "x": x.view(len(pairs), 3 * len(layers), -1), "layers": list(layers),
+                    "backbone": backbone_name}, out / f"{split}.pt")
 
 
 def harm_probe(data_dir: str, out: Path) -> None:
@@ -63,25 +71,28 @@ def harm_probe(data_dir: str, out: Path) -> None:
         saved = torch.load(out / f"{split}.pt", weights_only=True)  # pairs (strings) and x: no pickled objects
         row = {tuple(p): i for i, p in enumerate(saved["pairs"])}
         rows = [r for r in load_labelled_responses(data_dir, split) if (r.prompt, r.response) in row]
-        return saved["x"], [row[(r.prompt, r.response)] for r in rows], np.array([r.unsafe for r in rows]), rows
+        layers = saved.get("layers", STATE_LAYERS["smollm2-135m"])  # files written before the backbone was a flag
+        return saved["x"], [row[(r.prompt, r.response)] for r in rows], np.array([r.unsafe for r in rows]), rows, layers
 
     splits = {s: load(s) for s in ("train", "dev", "test")}
 
+    layers = splits["test"][4]  # four depths, shallow to deep: the choices below name them by place
+
     def features(split, chosen):
-        x, index, _, _ = splits[split]
+        x, index, _, _, _ = splits[split]
         x = x[index]  # [N, 3 L, D]
-        return torch.cat([x[:, 3 * STATE_LAYERS.index(layer) + POOLINGS.index(pool)] for layer, pool in chosen], -1).numpy()
+        return torch.cat([x[:, 3 * depth + POOLINGS.index(pool)] for depth, pool in chosen], -1).numpy()
 
     test_rows = splits["test"][3]
     unsafe_prompts = {r.prompt for r in test_rows if r.unsafe}
     risky = np.array([r.prompt in unsafe_prompts for r in test_rows])
     y_dev, y_test = splits["dev"][2], splits["test"][2]
-    choices = {"response mean, layer 15": [(15, "response mean")],
-               "response mean + last token, layer 20": [(20, "response mean"), (20, "last token")],
-               "response mean + last token, layers 10, 15, 20": [(l, p) for l in (10, 15, 20)
-                                                                  for p in ("response mean", "last token")],
-               "all three poolings, layers 15, 20": [(l, p) for l in (15, 20) for p in POOLINGS],
-               "all three poolings, every layer": [(l, p) for l in STATE_LAYERS for p in POOLINGS]}
+    choices = {f"response mean, layer {layers[2]}": [(2, "response mean")],
+               f"response mean + last token, layer {layers[3]}": [(3, "response mean"), (3, "last token")],
+               f"response mean + last token, layers {layers[1]}, {layers[2]}, {layers[3]}":
+                   [(d, p) for d in (1, 2, 3) for p in ("response mean", "last token")],
+               f"all three poolings, layers {layers[2]}, {layers[3]}": [(d, p) for d in (2, 3) for p in POOLINGS],
+               "all three poolings, every layer": [(d, p) for d in range(len(layers)) for p in POOLINGS]}
     print("| features | C | threshold | accuracy | balanced | AUROC | risky | confusion |")
     for name, chosen in choices.items():
         scaler = StandardScaler().fit(features("train", chosen))
@@ -134,6 +145,79 @@ def threshold_table(dev: tuple, test: tuple) -> None:
         m = confusion(p, y, t)
         print(f"| {rule} | {t:.3f} | {accuracy(p, y, t):.3f} | {balanced_accuracy(p, y, t):.3f} | "
               f"{accuracy(p[risky], y[risky], t):.3f} | [[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |")
+
+
+TRUTH_LAYERS = (10, 15, 20, 25)  # of SmolLM2's 30
+
+
+def truth_states(data_dir: str, out: Path) -> None:
+    """For every distinct (question, answer) of the GPT-judge and GPT-info rows of each split: the 26 reference
+    features of the default truth and info judges (MiniLM) and SmolLM2's frozen states of the question as a chat
+    turn and the answer as its reply (`pair_states`: answer mean, last token, question mean at TRUTH_LAYERS)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from trinityx.backbones import load_backbone
+    from trinityx.eval.judges.features import pair_states, reference_features
+    from trinityx.eval.judges.local import minilm_path
+    from trinityx.eval.judges.train import labelled_examples, reference_answers
+
+    backbone = load_backbone("smollm2-135m")
+    encoder, tokenizer = AutoModel.from_pretrained(minilm_path(), dtype=torch.float32), AutoTokenizer.from_pretrained(minilm_path())
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("test", "dev", "train"):
+        pairs = sorted({pair for kind in ("truth", "info") for pair in zip(*labelled_examples(kind, data_dir, split)[:2])})
+        t0 = time.perf_counter()
+        q, a = [p for p, _ in pairs], [r for _, r in pairs]
+        refs = reference_features(encoder, tokenizer, q, a, reference_answers(data_dir, q), 64)  # [N, 26]
+        x = pair_states(backbone.model, backbone.tokenizer, backbone.prompt_format, q, a, layers=TRUTH_LAYERS,
+                        max_prompt_tokens=64, max_response_tokens=64, batch_size=32, desc=f"truth states {split}")
+        print(f"{split}: {len(pairs)} pairs in {time.perf_counter() - t0:.0f} s", flush=True)
+        torch.save({"pairs": pairs, "references": refs, "x": x.view(len(pairs), 3 * len(TRUTH_LAYERS), -1)},
+                   out / f"truth_{split}.pt")
+
+
+def truth_probe(data_dir: str, out: Path) -> None:
+    """Truth and info judges on the cached features: reference features alone (the default judges' inputs), the
+    backbone's states alone, and both; scikit-learn, threshold on dev (accuracy), every test row."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from trinityx.eval.judges.train import labelled_examples
+
+    saved = {s: torch.load(out / f"truth_{s}.pt", weights_only=True) for s in ("train", "dev", "test")}
+
+    def design(split, kind, states):
+        d = saved[split]
+        row = {tuple(p): i for i, p in enumerate(d["pairs"])}
+        questions, answers, labels = labelled_examples(kind, data_dir, split)
+        index = [row[pair] for pair in zip(questions, answers)]
+        parts = [d["references"][index]] + [d["x"][index][:, 3 * TRUTH_LAYERS.index(layer) + POOLINGS.index(pool)]
+                                           for layer, pool in states]
+        return torch.cat(parts, -1).numpy(), np.array(labels)
+
+    choices = {"reference features, MLP 64": ([], "mlp", None),
+               "states (answer mean + last token, layer 20), logistic": ([(20, "response mean"), (20, "last token")], "logistic", 0.001),
+               "reference features + states of layer 20, logistic": ([(20, "response mean"), (20, "last token")], "logistic", 0.001),
+               "reference features + states of layer 15, logistic": ([(15, "response mean"), (15, "last token")], "logistic", 0.001),
+               "reference features + states of layers 15, 25, logistic": ([(l, p) for l in (15, 25) for p in ("response mean", "last token")], "logistic", 0.001),
+               "reference features + states of layer 20, logistic C 0.01": ([(20, "response mean"), (20, "last token")], "logistic", 0.01)}
+    print("| judge | features | threshold | accuracy | balanced | AUROC | majority | confusion [[tn, fp], [fn, tp]] |")
+    for kind in ("truth", "info"):
+        for name, (states, model_kind, c) in choices.items():
+            (x, y), (x_dev, y_dev), (x_test, y_test) = (design(s, kind, states) for s in ("train", "dev", "test"))
+            if name.startswith("states"):
+                x, x_dev, x_test = x[:, 26:], x_dev[:, 26:], x_test[:, 26:]
+            scaler = StandardScaler().fit(x)
+            model = (MLPClassifier((64,), alpha=1e-3, max_iter=500, random_state=0) if model_kind == "mlp"
+                     else LogisticRegression(C=c, max_iter=3000))
+            model.fit(scaler.transform(x), y)
+            p_dev, p = (model.predict_proba(scaler.transform(v))[:, 1] for v in (x_dev, x_test))
+            t = best_threshold(p_dev, y_dev)
+            m = confusion(p, y_test, t)
+            print(f"| {kind} | {name} | {t:.3f} | {accuracy(p, y_test, t):.3f} | {balanced_accuracy(p, y_test, t):.3f} | "
+                  f"{auroc(p, y_test):.3f} | {max(y_test.mean(), 1 - y_test.mean()):.3f} | "
+                  f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
 
 
 def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int, lr: float,
@@ -354,12 +438,14 @@ def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_si
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "helpful-references",
+    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "truth-states", "truth-probe",
+                                         "helpful-references",
                                              "helpful-text", "harm-lora", "helpful-reward"))
     parser.add_argument("--judge", type=Path, help="harm-thresholds: a saved harm judge's folder")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
     parser.add_argument("--train-pairs", type=int, default=3500)
+    parser.add_argument("--backbone", default="smollm2-135m", choices=sorted(STATE_LAYERS), help="harm-states")
     parser.add_argument("--train-judgements", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=1, help="harm-lora")
     parser.add_argument("--rank", type=int, default=16, help="harm-lora: LoRA rank (alpha = 2 rank)")
@@ -370,9 +456,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "harm-states":
-        harm_states(args.data_dir, args.out, args.train_pairs)
+        harm_states(args.data_dir, args.out, args.train_pairs, args.backbone)
     elif args.what == "harm-probe":
         harm_probe(args.data_dir, args.out)
+    elif args.what == "truth-states":
+        truth_states(args.data_dir, args.out)
+    elif args.what == "truth-probe":
+        truth_probe(args.data_dir, args.out)
     elif args.what == "harm-thresholds":
         harm_thresholds(args.data_dir, args.judge, args.out)
     elif args.what == "harm-lora":
