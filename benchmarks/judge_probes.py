@@ -9,7 +9,7 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     # the same on Gemma-3-270M's states (layers 4, 6, 9, 12 of 18)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-states --backbone gemma3-270m --out runs/judge_probes/gemma3
     # truth and info: the default judges' 26 reference features beside SmolLM2's states of (question, answer)
-    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py truth-states --data-dir ../shared/data --out runs/judge_probes/truth
+    OMP_NUM_THREADS=1 python benchmarks/judge_probes.py truth-states --train-pairs 4000 --out runs/judge_probes/truth
     python benchmarks/judge_probes.py truth-probe --out runs/judge_probes/truth
     # harm: a saved judge's test metrics at the dev threshold of each rule (accuracy, balanced accuracy)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
@@ -147,13 +147,14 @@ def threshold_table(dev: tuple, test: tuple) -> None:
               f"{accuracy(p[risky], y[risky], t):.3f} | [[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |")
 
 
-TRUTH_LAYERS = (10, 15, 20, 25)  # of SmolLM2's 30
+TRUTH_LAYERS = (10, 15, 20)  # of SmolLM2's 30
 
 
-def truth_states(data_dir: str, out: Path) -> None:
+def truth_states(data_dir: str, out: Path, train_pairs: int) -> None:
     """For every distinct (question, answer) of the GPT-judge and GPT-info rows of each split: the 26 reference
     features of the default truth and info judges (MiniLM) and SmolLM2's frozen states of the question as a chat
-    turn and the answer as its reply (`pair_states`: answer mean, last token, question mean at TRUTH_LAYERS)."""
+    turn and the answer as its reply (`pair_states`: answer mean, last token, question mean at TRUTH_LAYERS);
+    every pair of dev and test, `train_pairs` of train (seeded)."""
     from transformers import AutoModel, AutoTokenizer
 
     from trinityx.backbones import load_backbone
@@ -166,6 +167,8 @@ def truth_states(data_dir: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split in ("test", "dev", "train"):
         pairs = sorted({pair for kind in ("truth", "info") for pair in zip(*labelled_examples(kind, data_dir, split)[:2])})
+        if split == "train" and len(pairs) > train_pairs:
+            pairs = sorted(random.Random(0).sample(pairs, train_pairs))
         t0 = time.perf_counter()
         q, a = [p for p, _ in pairs], [r for _, r in pairs]
         refs = reference_features(encoder, tokenizer, q, a, reference_answers(data_dir, q), 64)  # [N, 26]
@@ -191,7 +194,10 @@ def truth_probe(data_dir: str, out: Path) -> None:
         d = saved[split]
         row = {tuple(p): i for i, p in enumerate(d["pairs"])}
         questions, answers, labels = labelled_examples(kind, data_dir, split)
-        index = [row[pair] for pair in zip(questions, answers)]
+        keep = [k for k, pair in enumerate(zip(questions, answers)) if pair in row]  # train: the sampled pairs' rows
+        index = [row[(questions[k], answers[k])] for k in keep]
+        labels = [labels[k] for k in keep]
+        assert split == "train" or len(keep) == len(questions), f"{split}: rows without cached features"
         parts = [d["references"][index]] + [d["x"][index][:, 3 * TRUTH_LAYERS.index(layer) + POOLINGS.index(pool)]
                                            for layer, pool in states]
         return torch.cat(parts, -1).numpy(), np.array(labels)
@@ -200,7 +206,7 @@ def truth_probe(data_dir: str, out: Path) -> None:
                "states (answer mean + last token, layer 20), logistic": ([(20, "response mean"), (20, "last token")], "logistic", 0.001),
                "reference features + states of layer 20, logistic": ([(20, "response mean"), (20, "last token")], "logistic", 0.001),
                "reference features + states of layer 15, logistic": ([(15, "response mean"), (15, "last token")], "logistic", 0.001),
-               "reference features + states of layers 15, 25, logistic": ([(l, p) for l in (15, 25) for p in ("response mean", "last token")], "logistic", 0.001),
+               "reference features + states of layers 10, 15, 20, logistic": ([(l, p) for l in (10, 15, 20) for p in ("response mean", "last token")], "logistic", 0.001),
                "reference features + states of layer 20, logistic C 0.01": ([(20, "response mean"), (20, "last token")], "logistic", 0.01)}
     print("| judge | features | threshold | accuracy | balanced | AUROC | majority | confusion [[tn, fp], [fn, tp]] |")
     for kind in ("truth", "info"):
@@ -380,11 +386,14 @@ def helpful_text(data_dir: str) -> None:
                   f"{pairwise_agreement([p[k] for k in similar], [prefs[k] for k in similar]):.3f} |", flush=True)
 
 
-def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_size: int) -> None:
+def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_size: int, length_term: str) -> None:
     """A reward model fine-tuned end to end on GPT-4's judgements: MiniLM as a cross-encoder r(instruction,
-    output), P(b preferred) = sigmoid(r(b) - r(a) + w (log chars b - log chars a)) with w learned beside it, so
-    the encoder only has to learn what length does not say. BCE on the soft preference; agreement on the judge's
-    validity sample of dev (instructions never seen), overall and on the pairs of similar length."""
+    output), P(b preferred) = sigmoid(r(b) - r(a) + w (log chars b - log chars a)), so the encoder only has to
+    learn what length does not say. `length_term` `learned`: w starts at 1 and is learned beside the encoder (at
+    its learning rate); `fitted`: w is first fitted on every training judgement by length alone and then fixed,
+    and the reward head starts at zero, so training starts from the fitted length model exactly. BCE on the
+    soft preference; agreement on the judge's validity sample of dev (instructions never seen), overall and on
+    the pairs of similar length."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from trinityx.eval.judges.batching import tokenize
@@ -399,10 +408,19 @@ def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_si
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model.get_input_embeddings().weight.requires_grad_(False)
-    w = torch.nn.Parameter(torch.tensor(1.0))  # the length term's weight
 
     def log_chars(text: str) -> float:
         return math.log1p(len(text))
+
+    if length_term == "fitted":
+        everything = load_judgements(data_dir, "train")
+        delta = torch.tensor([[log_chars(r.output_2) - log_chars(r.output_1)] for r in everything])  # [N, 1]
+        w = _fit_scorer(delta, torch.tensor([r.preference - 1 for r in everything]), 1e-4)[0].detach()
+        torch.nn.init.zeros_(model.classifier.weight)
+        torch.nn.init.zeros_(model.classifier.bias)
+        print(f"length weight fitted on {len(everything)} judgements: {w.item():.3f}", flush=True)
+    else:
+        w = torch.nn.Parameter(torch.tensor(1.0))  # the length term's weight
 
     def p_logits(rows) -> torch.Tensor:  # logit of P(b preferred) [B]
         instructions = [r.instruction for r in rows] * 2
@@ -411,7 +429,7 @@ def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_si
         length = torch.tensor([log_chars(x.output_2) - log_chars(x.output_1) for x in rows])
         return r[1] - r[0] + w * length
 
-    params = [q for q in model.parameters() if q.requires_grad] + [w]
+    params = [q for q in model.parameters() if q.requires_grad] + ([w] if length_term == "learned" else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     total = epochs * (len(train) // batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_with_warmup(t, total // 10, total, 0.0))
@@ -452,6 +470,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="harm-lora: LoRA learning rate (the head's is 10x)")
     parser.add_argument("--trained-layers", type=int, default=8, help="harm-lora: LoRA on this many layers below the pool layer")
     parser.add_argument("--pool-layer", type=int, default=20, help="harm-lora")
+    parser.add_argument("--length-term", choices=("learned", "fitted"), default="learned", help="helpful-reward")
     parser.add_argument("--batch-size", type=int, default=16, help="harm-lora, helpful-reward (judgements per step)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -460,7 +479,7 @@ def main() -> None:
     elif args.what == "harm-probe":
         harm_probe(args.data_dir, args.out)
     elif args.what == "truth-states":
-        truth_states(args.data_dir, args.out)
+        truth_states(args.data_dir, args.out, args.train_pairs)
     elif args.what == "truth-probe":
         truth_probe(args.data_dir, args.out)
     elif args.what == "harm-thresholds":
@@ -469,7 +488,7 @@ def main() -> None:
         harm_lora(args.data_dir, args.out, args.train_pairs, args.epochs, args.rank, args.lr, args.trained_layers,
                   args.pool_layer, args.batch_size)
     elif args.what == "helpful-reward":
-        helpful_reward(args.data_dir, args.train_judgements, args.epochs, args.lr, args.batch_size)
+        helpful_reward(args.data_dir, args.train_judgements, args.epochs, args.lr, args.batch_size, args.length_term)
     elif args.what == "helpful-text":
         helpful_text(args.data_dir)
     else:
