@@ -22,9 +22,11 @@ import torch
 from trinityx import data
 from trinityx.backbones import format_prompt, load_backbone
 
-LAYERS = (4, 8, 12, 15, 20, 30)
-CONFIGS = [((15,), "mean"), ((15,), "last"), ((15,), "mean+last"), ((8,), "mean"), ((8, 15), "mean+last"),
-           ((4, 8, 12, 15), "mean"), ((20,), "last"), ((30,), "last")]
+# Layers whose states are kept, per backbone: the same relative depths of SmolLM2's 30 and Gemma-3-270M's 18.
+LAYERS = {"smollm2-135m": (4, 8, 12, 15, 20, 30), "gemma3-270m": (2, 5, 7, 9, 12, 18)}
+# (places in the backbone's LAYERS, pooling): on SmolLM2 layer 15 is place 3, layer 8 place 1.
+CONFIGS = [((3,), "mean"), ((3,), "last"), ((3,), "mean+last"), ((1,), "mean"), ((1, 3), "mean+last"),
+           ((0, 1, 2, 3), "mean"), ((4,), "last"), ((5,), "last")]
 EVAL_SETS = {name: data.DIMENSIONS.index(d) for name, d in data.EVALUATION_SETS.items()}
 
 
@@ -43,15 +45,16 @@ def features(args) -> None:
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone)
     sets = prompt_sets(data.resolve_data_dir(args.data_dir))
-    out, start = {"sets": sets, "layers": LAYERS, "states": {}}, time.perf_counter()
+    layers = LAYERS[args.backbone]
+    out, start = {"sets": sets, "layers": layers, "backbone": args.backbone, "states": {}}, time.perf_counter()
     for name, value in sets.items():
         prompts = value[0] if name == "routing" else value
-        states = {(layer, pool): [] for layer in LAYERS for pool in ("mean", "last")}
+        states = {(layer, pool): [] for layer in layers for pool in ("mean", "last")}
         for prompt in prompts:
             ids = backbone.tokenizer(format_prompt(backbone.tokenizer, backbone.prompt_format, prompt),
                                      add_special_tokens=False).input_ids[-256:]
             hidden = backbone.model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-            for layer in LAYERS:
+            for layer in layers:
                 x = hidden[layer][0].float()
                 x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # as the router reads it
                 states[(layer, "mean")].append(x.mean(0))
@@ -98,7 +101,8 @@ def probe(args) -> None:
 
     saved, labels, train = load_states(args.states)
     print(f"{'layers':<14} {'pooling':<10} {'l2':>6} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
-    for layers, pooling in CONFIGS:
+    for places, pooling in CONFIGS:
+        layers = tuple(saved["layers"][i] for i in places)
         for l2 in args.l2:
             x = design(saved["states"]["routing"], layers, pooling)
             predict = fit_probe(x[train], labels[train], l2)
@@ -116,7 +120,7 @@ def curve(args) -> None:
     import json
 
     saved, labels, train = load_states(args.states)
-    layers, pooling = (15,), "mean+last"
+    layers, pooling = (saved["layers"][3],), "mean+last"  # the profiles' pool layer: 15 of 30, 9 of 18
     x = design(saved["states"]["routing"], layers, pooling)
     print(f"{'per dim':>8} {'seed':>4} {'train n':>7} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
     for n in args.per_dimension:
@@ -142,7 +146,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("features")
     f.add_argument("--data-dir", default=None)
-    f.add_argument("--backbone", default="smollm2-135m")
+    f.add_argument("--backbone", default="smollm2-135m", choices=sorted(LAYERS))
     f.add_argument("--threads", type=int, default=1)
     f.add_argument("--out", default="runs/probe/states.pt")
     p = sub.add_parser("probe")
