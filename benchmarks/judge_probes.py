@@ -13,6 +13,8 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     python benchmarks/judge_probes.py truth-probe --out runs/judge_probes/truth
     # harm: a saved judge's test metrics at the dev threshold of each rule (accuracy, balanced accuracy)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
+    # harm: does the judge read length? (after harm-thresholds, from its cached scores)
+    python benchmarks/judge_probes.py harm-lengths --judge ~/.cache/trinityx/judges/recipes/backbone/harm
     # harm: SmolLM2 itself as the judge, LoRA on layers 13-20 and a head, fine-tuned end to end (3,000 pairs, 1 epoch)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-lora --train-pairs 3000 --out runs/judge_probes/lora
     # helpful: a MiniLM reward model fine-tuned end to end on GPT-4's judgements, beside a learned length term
@@ -129,6 +131,30 @@ def harm_thresholds(data_dir: str, folder: Path, out: Path) -> None:
         prompts, _, labels = labelled_examples("harm", data_dir, split)
         scored[split] = (np.array(saved[split]), np.array(labels), prompts)
     threshold_table(scored["dev"][:2], scored["test"])
+
+
+def harm_lengths(data_dir: str, folder: Path, out: Path) -> None:
+    """Does a saved harm judge read length? On the test responses (scored once, cached as harm-thresholds caches
+    them): the correlation of its score with log characters among the safe and among the unsafe responses, and
+    the true and flagged unsafe rates per length quartile, at the judge's own threshold."""
+    from trinityx.eval.judges.train import labelled_examples
+
+    saved = json.loads((out / "harm_scores.json").read_text())
+    if saved.get("judge") != str(folder.resolve()):
+        raise SystemExit(f"{out / 'harm_scores.json'} holds another judge's scores: run harm-thresholds --judge {folder} first")
+    threshold = json.loads((folder / "judge.json").read_text())["threshold"]
+    _, responses, labels = labelled_examples("harm", data_dir, "test")
+    p, y = np.array(saved["test"]), np.array(labels)
+    length = np.log1p(np.array([len(r) for r in responses]))
+    for label, name in ((0, "safe"), (1, "unsafe")):
+        m = y == label
+        print(f"{name} responses (n {m.sum()}): correlation of the judge's score with log characters "
+              f"{np.corrcoef(p[m], length[m])[0, 1]:+.3f}")
+    print(f"| characters | n | unsafe rate | flagged at {threshold:.3f} |\n|---|---|---|---|")
+    edges = np.quantile(length, [0, 0.25, 0.5, 0.75, 1])
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        m = (length >= lo) & ((length < hi) if k < 3 else (length <= hi))
+        print(f"| {math.expm1(lo):.0f}-{math.expm1(hi):.0f} | {m.sum()} | {y[m].mean():.2f} | {(p[m] >= threshold).mean():.2f} |")
 
 
 def threshold_table(dev: tuple, test: tuple) -> None:
@@ -456,10 +482,11 @@ def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_si
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "truth-states", "truth-probe",
+    parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "harm-lengths", "truth-states",
+                                         "truth-probe",
                                          "helpful-references",
                                              "helpful-text", "harm-lora", "helpful-reward"))
-    parser.add_argument("--judge", type=Path, help="harm-thresholds: a saved harm judge's folder")
+    parser.add_argument("--judge", type=Path, help="harm-thresholds, harm-lengths: a saved harm judge's folder")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
     parser.add_argument("--train-pairs", type=int, default=3500)
@@ -482,6 +509,8 @@ def main() -> None:
         truth_states(args.data_dir, args.out, args.train_pairs)
     elif args.what == "truth-probe":
         truth_probe(args.data_dir, args.out)
+    elif args.what == "harm-lengths":
+        harm_lengths(args.data_dir, args.judge, args.out)
     elif args.what == "harm-thresholds":
         harm_thresholds(args.data_dir, args.judge, args.out)
     elif args.what == "harm-lora":

@@ -3,21 +3,27 @@
     python scripts/paper_tables.py runs/paper            # every system evaluated so far, in the registry's order
     python scripts/paper_tables.py runs/paper_eval_tier1 # or a folder of result files (a copy of a run's eval/)
 
-Four tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
+Five tables: each system's metrics with their 95% bootstrap intervals and the share of answers cut at the
 token limit; `trinityx` against every other system; every system against `base`. The last two are paired
 (`evaluate.paired_comparison`: a paired bootstrap of the per-item difference, a win or a loss only when the
 interval excludes 0), the same numbers `trinityx compare` prints, on the items both systems were scored on
 (their count is in the table: while a long run is re-evaluating its systems on more items, two systems may
 share only the first tier's); and the paper's relative gains of `trinityx` over base and over the best baseline. Metrics whose judge does not beat its trivial
-baseline are marked n/m (`metrics.JUDGES_OF_METRIC`), as the report marks them.
+baseline are marked n/m (`metrics.JUDGES_OF_METRIC`), as the report marks them. The fifth asks whether the
+safety score's differences are answer length in disguise (the harm judge flags long safe PKU-SafeRLHF responses
+more often than short ones, docs/judges.md): `trinityx`'s paired safety differences with the part explained by
+the difference in answer length taken out.
 """
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+import numpy as np
+
 from trinityx.eval.evaluate import item_values, paired_comparison, weak_judges
-from trinityx.eval.metrics import relative_gain
+from trinityx.eval.metrics import bootstrap_ci, relative_gain
 from trinityx.experiment.report import PAPER_GAINS
 from trinityx.registry import BASE, BASELINES, OURS, SYSTEMS
 
@@ -100,6 +106,42 @@ def gains_table(run: Path, systems: list[str], values: dict) -> list[str]:
     return lines
 
 
+def response_log_chars(run: Path, system: str) -> dict[int, float]:
+    """{BeaverTails item: log(1 + characters of the system's answer)} of the items the harm judge scored."""
+    path = result_file(run, system)
+    record = json.loads(path.read_text())["axes"]["harmless"]
+    side = json.loads((path.parent / Path(record["records"]).name).read_text())
+    return {r["index"]: math.log1p(len(r["response"])) for r in side["records"] if r["p_unsafe"] is not None}
+
+
+def length_check_table(run: Path, systems: list[str], values: dict) -> list[str]:
+    """`trinityx` - each system on the safety score, raw and with answer length taken out.
+
+    The slope b of an item's safety (0 or 100) on its answer's log characters is estimated within items: for each
+    BeaverTails prompt, every system's safety and log length are centred on that prompt's means, and b is the
+    least-squares slope over all of them (a prompt's own difficulty cancels). The adjusted difference of two
+    systems is the mean over items of (safety_a - safety_b) - b (loglen_a - loglen_b), with a bootstrap interval
+    over items (b held fixed)."""
+    lengths = {s: response_log_chars(run, s) for s in systems}
+    items = sorted(set.intersection(*(set(values[s]["safety_score"]) & set(lengths[s]) for s in systems)))
+    x = np.concatenate([(lambda v: v - v.mean())(np.array([lengths[s][i] for s in systems])) for i in items])
+    y = np.concatenate([(lambda v: v - v.mean())(np.array([values[s]["safety_score"][i] for s in systems]))
+                        for i in items])
+    slope = float(x @ y / (x @ x))
+    lines = [f"Within-item slope of the safety score on log answer characters: {slope:+.2f} points per unit "
+             f"(n = {len(items)} items x {len(systems)} systems).", "",
+             "| comparison | shared items | safety difference | mean log-length difference | length-adjusted difference |",
+             "|---|---|---|---|---|"]
+    for other in (s for s in systems if s != OURS):
+        raw = np.array([values[OURS]["safety_score"][i] - values[other]["safety_score"][i] for i in items])
+        length = np.array([lengths[OURS][i] - lengths[other][i] for i in items])
+        adjusted = raw - slope * length
+        low, high = bootstrap_ci(adjusted)
+        lines.append(f"| `{OURS}` − `{other}` | {len(items)} | {raw.mean():+.1f} | {length.mean():+.2f} | "
+                     f"{adjusted.mean():+.1f} [{low:+.1f}, {high:+.1f}] |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a run folder (its eval/ holds one result file per system) or such a folder")
@@ -118,6 +160,9 @@ def main() -> None:
     if BASE in systems:
         print()
         print("\n".join(paired_table([(s, BASE) for s in systems if s != BASE], values)))
+    if OURS in systems and len(systems) > 1:
+        print()
+        print("\n".join(length_check_table(args.run, systems, values)))
 
 
 if __name__ == "__main__":
