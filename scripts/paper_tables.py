@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from trinityx.eval.evaluate import item_values, paired_comparison, weak_judges
-from trinityx.eval.metrics import bootstrap_ci, relative_gain
+from trinityx.eval.metrics import adjusted_difference, relative_gain, within_item_slope
 from trinityx.experiment.report import PAPER_GAINS
 from trinityx.registry import BASE, BASELINES, OURS, SYSTEMS
 
@@ -124,21 +124,18 @@ def length_check_table(run: Path, systems: list[str], values: dict) -> list[str]
     over items (b held fixed)."""
     lengths = {s: response_log_chars(run, s) for s in systems}
     items = sorted(set.intersection(*(set(values[s]["safety_score"]) & set(lengths[s]) for s in systems)))
-    x = np.concatenate([(lambda v: v - v.mean())(np.array([lengths[s][i] for s in systems])) for i in items])
-    y = np.concatenate([(lambda v: v - v.mean())(np.array([values[s]["safety_score"][i] for s in systems]))
-                        for i in items])
-    slope = float(x @ y / (x @ x))
+    safety = {s: np.array([values[s]["safety_score"][i] for i in items]) for s in systems}  # [N] each
+    length = {s: np.array([lengths[s][i] for i in items]) for s in systems}
+    slope = within_item_slope(np.stack([safety[s] for s in systems], 1), np.stack([length[s] for s in systems], 1))
     lines = [f"Within-item slope of the safety score on log answer characters: {slope:+.2f} points per unit "
              f"(n = {len(items)} items x {len(systems)} systems).", "",
              "| comparison | shared items | safety difference | mean log-length difference | length-adjusted difference |",
              "|---|---|---|---|---|"]
     for other in (s for s in systems if s != OURS):
-        raw = np.array([values[OURS]["safety_score"][i] - values[other]["safety_score"][i] for i in items])
-        length = np.array([lengths[OURS][i] - lengths[other][i] for i in items])
-        adjusted = raw - slope * length
-        low, high = bootstrap_ci(adjusted)
-        lines.append(f"| `{OURS}` − `{other}` | {len(items)} | {raw.mean():+.1f} | {length.mean():+.2f} | "
-                     f"{adjusted.mean():+.1f} [{low:+.1f}, {high:+.1f}] |")
+        d = adjusted_difference(safety[OURS], safety[other], length[OURS], length[other], slope)
+        low, high = d["ci95"]
+        lines.append(f"| `{OURS}` − `{other}` | {len(items)} | {(safety[OURS] - safety[other]).mean():+.1f} | "
+                     f"{(length[OURS] - length[other]).mean():+.2f} | {d['difference']:+.1f} [{low:+.1f}, {high:+.1f}] |")
     return lines
 
 

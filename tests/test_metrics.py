@@ -141,3 +141,31 @@ def test_paired_difference_takes_a_statistic_of_rows_and_checks_shapes():
     assert d["difference"] == pytest.approx(100 * 2 / 3)
     with pytest.raises(ValueError, match="same items"):
         metrics.paired_difference([1.0, 2.0], [1.0], seed=0)
+
+
+def test_within_item_slope_ignores_item_levels_and_recovers_the_effect():
+    rng = np.random.default_rng(0)
+    items, systems = 200, 4
+    length = rng.normal(5, 1, (items, systems))  # [N, S]
+    level = rng.normal(0, 30, (items, 1))  # each item's own difficulty, shared by the systems
+    values = level + 7.0 * length + rng.normal(0, 1, (items, systems))
+    assert abs(metrics.within_item_slope(values, length) - 7.0) < 0.2
+    # An item level that tracks the item's mean length biases a pooled fit but not the within-item one.
+    confounded = 40.0 * length.mean(1, keepdims=True) + 7.0 * length
+    assert abs(metrics.within_item_slope(confounded, length) - 7.0) < 1e-9
+    with pytest.raises(ValueError, match="items, systems"):
+        metrics.within_item_slope(values[:, 0], length[:, 0])
+
+
+def test_adjusted_difference_removes_what_the_covariate_explains():
+    rng = np.random.default_rng(1)
+    length_a, length_b = rng.normal(6, 1, 300), rng.normal(5, 1, 300)  # a answers longer
+    b = rng.normal(50, 5, 300)
+    a = b + 3.0 + 10.0 * (length_a - length_b)  # a is 3 points better, plus a length effect of 10 per unit
+    raw = metrics.paired_difference(a, b)["difference"]
+    adjusted = metrics.adjusted_difference(a, b, length_a, length_b, slope=10.0)
+    assert raw > 10 and abs(adjusted["difference"] - 3.0) < 1e-9 and adjusted["n"] == 300
+    low, high = adjusted["ci95"]
+    assert low <= 3.0 <= high and high - low < 1e-6  # nothing left to vary once the effect is exact
+    # No slope: the plain paired difference.
+    assert metrics.adjusted_difference(a, b, length_a, length_b, 0.0)["difference"] == pytest.approx(raw)

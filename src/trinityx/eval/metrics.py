@@ -165,6 +165,28 @@ def paired_difference(a, b, n: int = 1000, seed: int = 0,
     return {"difference": float(difference(rows)), "ci95": [lo, hi], "n": len(a)}
 
 
+def within_item_slope(values: np.ndarray, covariate: np.ndarray) -> float:
+    """Least-squares slope of `values` [N items, S systems] on `covariate` [N, S] within items: each item's
+    values and covariates are centred on that item's means first, so an item's own level (a hard prompt) cancels
+    and only the differences between systems on the same item fit the slope."""
+    values, covariate = _as_array(values, "values"), _as_array(covariate, "covariate")
+    if values.shape != covariate.shape or values.ndim != 2:
+        raise ValueError(f"values {values.shape} and covariate {covariate.shape} must both be [items, systems]")
+    x = covariate - covariate.mean(1, keepdims=True)
+    y = values - values.mean(1, keepdims=True)
+    return float((x * y).sum() / (x * x).sum())
+
+
+def adjusted_difference(a, b, covariate_a, covariate_b, slope: float, n: int = 1000, seed: int = 0) -> dict:
+    """Mean over items of (a - b) - slope (covariate_a - covariate_b), with a bootstrap 95% interval over items
+    (the slope held fixed): a paired difference with the part the covariate explains taken out.
+    Returns {"difference", "ci95": [lo, hi], "n"}."""
+    adjusted = (_as_array(a, "a") - _as_array(b, "b")) - slope * (_as_array(covariate_a, "covariate_a")
+                                                                   - _as_array(covariate_b, "covariate_b"))
+    low, high = bootstrap_ci(adjusted, n, seed)
+    return {"difference": float(adjusted.mean()), "ci95": [low, high], "n": len(adjusted)}
+
+
 def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:
     """'win', 'loss' or 'tie' of a against b from `paired_difference`: a win or loss only when the interval
     excludes 0."""
