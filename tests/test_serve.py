@@ -249,12 +249,15 @@ def test_concurrent_requests_are_batched_and_unchanged(folder):
         alone = [one(r) for r in requests]  # one at a time: batches of one
         before = served.engine.stats()
         assert before["decoded_rows"] == before["decode_steps"] > 0  # one row per decode step
+        assert before["prefilled_rows"] == before["prefills"] == len(requests)  # and per prefill
+        assert before["prefill_seconds"] > 0 and before["decode_seconds"] > 0
         with ThreadPoolExecutor(20) as pool:
             together = list(pool.map(one, requests))
         after = served.engine.stats()
     assert after["batches"] - before["batches"] < 20, "the 20 concurrent requests were not batched"
     rows_per_step = (after["decoded_rows"] - before["decoded_rows"]) / (after["decode_steps"] - before["decode_steps"])
     assert rows_per_step > 1.5, "concurrent requests were not decoded together"
+    assert after["prefilled_rows"] - before["prefilled_rows"] == len(requests)  # each request prefilled once
     for (text, gates), (want_text, want_gates) in zip(together, alone):
         assert text == want_text
         assert gates == pytest.approx(want_gates, abs=1e-5)

@@ -175,6 +175,11 @@ def run_phase(served: Served, batch: int, queue: int, clients: int, cfg: BenchSe
         # Rows per decode step: with continuous batching a run of joined requests is one `batch`, so requests
         # per batch says nothing about how many rows a step decodes together.
         result["rows_per_step"] = stats["decoded_rows"] / max(1, stats["decode_steps"])
+        # Where the engine's time went: a prefill (routing included) holds every running row back.
+        result["rows_per_prefill"] = stats["prefilled_rows"] / max(1, stats["prefills"])
+        busy = stats["prefill_seconds"] + stats["decode_seconds"]
+        result["prefill_share"] = stats["prefill_seconds"] / busy if busy else 0.0
+        result["busy_share"] = busy / result["wall_s"] if result["wall_s"] else 0.0
     return {"max_batch_size": batch, "max_queue": queue, "clients": clients, **result}
 
 
@@ -182,12 +187,14 @@ def print_table(cfg: BenchServeConfig, source: str, phases: dict) -> None:
     print(f"\nbench serve: {source}; {cfg.requests} chat requests per phase, max_tokens {cfg.max_tokens} (greedy), "
           f"float32 CPU, {torch.get_num_threads()} threads; clients and server in one process over loopback HTTP")
     print(f"{'phase':<14} {'batch':>5} {'queue':>5} {'clients':>7} {'ok':>4} {'429':>4} {'503':>4} {'err':>4} "
-          f"{'skip':>4} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'rows/step':>9}")
+          f"{'skip':>4} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'rows/step':>9} "
+          f"{'rows/prefill':>12} {'prefill %':>9} {'busy %':>6}")
     for name, p in phases.items():
         print(f"{name:<14} {p['max_batch_size']:>5} {p['max_queue']:>5} {p['clients']:>7} {p['ok']:>4} "
               f"{p['status_429']:>4} {p['status_503']:>4} {p['errors']:>4} {p['skipped']:>4} "
               f"{p['requests_per_s']:>6.2f} {p['tokens_per_s']:>7.1f} {p['p50_s']:>6.2f} {p['p95_s']:>6.2f} "
-              f"{p['p99_s']:>6.2f} {p['rows_per_step']:>9.2f}")
+              f"{p['p99_s']:>6.2f} {p['rows_per_step']:>9.2f} {p['rows_per_prefill']:>12.2f} "
+              f"{100 * p['prefill_share']:>9.0f} {100 * p['busy_share']:>6.0f}")
 
 
 def bench_serve(cfg: BenchServeConfig) -> dict:

@@ -181,16 +181,27 @@ def stack_caches(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache, new
 @torch.inference_mode()
 def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int], forward=None,
               join: Callable[[list[Row]], list[Row]] | None = None,
-              on_step: Callable[[int], None] | None = None) -> None:
+              on_step: Callable[[int, float], None] | None = None,
+              on_prefill: Callable[[int, float], None] | None = None) -> None:
     """Answer `rows` together: route, prefill a left-padded batch, then decode token by token with a KV cache.
 
     `forward` is the backbone call (default `model.backbone`); each row's events go to its `emit`. Between two
     decode steps, `join(running rows)` hands over rows that arrived since: they are prefilled on their
     own and their cache rows join the batch's (continuous batching, as vLLM and TGI do), so a long answer never
-    holds a new request back. `on_step(rows)` is told how many rows each decode step runs.
+    holds a new request back. `on_step(rows, seconds)` is told how many rows each decode step ran and how long
+    it took, `on_prefill(rows, seconds)` the same of each prefill (routing included), so a server can say where
+    its time goes.
     """
     forward = forward or model.backbone
-    cache, mask, gates, logits = prefill(model, tokenizer, rows, forward)
+
+    def timed_prefill(batch: list[Row]):
+        start = time.perf_counter()
+        out = prefill(model, tokenizer, batch, forward)
+        if on_prefill is not None:
+            on_prefill(len(batch), time.perf_counter() - start)
+        return out
+
+    cache, mask, gates, logits = timed_prefill(rows)
     active = list(rows)
     trackers = [TextTracker(tokenizer, row.stop) for row in rows]
     try:
@@ -224,12 +235,13 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
                     active, trackers = [active[j] for j in keep], [trackers[j] for j in keep]
                     model.set_gates(gates)
                 mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)  # [B, T + 1]
-                if on_step is not None:
-                    on_step(len(active))
+                start = time.perf_counter()
                 logits = forward(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                                  past_key_values=cache, use_cache=True).logits[:, -1, :]  # [B, V]
+                if on_step is not None:
+                    on_step(len(active), time.perf_counter() - start)
             if newcomers:
-                new_cache, new_mask, new_gates, new_logits = prefill(model, tokenizer, newcomers, forward)
+                new_cache, new_mask, new_gates, new_logits = timed_prefill(newcomers)
                 if keep:
                     mask = stack_caches(cache, mask, new_cache, new_mask)
                     gates, logits = torch.cat([gates, new_gates]), torch.cat([logits, new_logits])
@@ -293,8 +305,9 @@ class Engine:
         self.cond = threading.Condition()
         self.closed = False
         self.batches = 0
-        self.decode_steps = 0  # decode steps run, and the rows they decoded together (summed over the steps)
-        self.decoded_rows = 0
+        # Decode steps and prefills run, the rows they ran together (summed) and the seconds they took.
+        self.decode_steps, self.decoded_rows, self.decode_seconds = 0, 0, 0.0
+        self.prefills, self.prefilled_rows, self.prefill_seconds = 0, 0, 0.0
         self.thread = threading.Thread(target=self._work, name="trinityx-engine", daemon=True)
 
     def start(self) -> "Engine":
@@ -313,12 +326,21 @@ class Engine:
     def stats(self) -> dict:
         with self.cond:
             return {"queued": len(self.pending), "running": len(self.running), "batches": self.batches,
-                    "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows}
+                    "decode_steps": self.decode_steps, "decoded_rows": self.decoded_rows,
+                    "decode_seconds": self.decode_seconds, "prefills": self.prefills,
+                    "prefilled_rows": self.prefilled_rows, "prefill_seconds": self.prefill_seconds}
 
-    def _count_step(self, rows: int) -> None:
+    def _count_step(self, rows: int, seconds: float) -> None:
         with self.cond:
             self.decode_steps += 1
             self.decoded_rows += rows
+            self.decode_seconds += seconds
+
+    def _count_prefill(self, rows: int, seconds: float) -> None:
+        with self.cond:
+            self.prefills += 1
+            self.prefilled_rows += rows
+            self.prefill_seconds += seconds
 
     def _take_batch(self) -> list[Row] | None:
         with self.cond:
@@ -355,7 +377,7 @@ class Engine:
                 continue
             try:
                 run_batch(self.model, self.tokenizer, batch, self.stop_ids, self.forward, self._join,
-                          self._count_step)
+                          self._count_step, self._count_prefill)
             except Exception as e:  # a failed batch answers its requests with a 500; the server keeps serving
                 traceback.print_exc()
                 with self.cond:
