@@ -160,13 +160,63 @@ def test_pair_states_match_a_full_forward_pass(tiny_backbone):
         assert torch.allclose(x[k], want, atol=1e-5)
 
 
-def test_a_backbone_recipe_reuses_the_default_truth_info_and_helpful_judges(tmp_path):
+def test_a_backbone_recipe_reuses_the_default_truth_and_helpful_judges_not_info(tmp_path):
     for kind in ("truth", "info", "helpful"):
         folder = tmp_path / kind
         folder.mkdir()
         (folder / "judge.json").write_text(json.dumps({"training": recipe_settings("default", kind)}))
-    assert stale_judges(tmp_path, ("truth", "info", "helpful"), "backbone") == {}
+    assert stale_judges(tmp_path, ("truth", "helpful"), "backbone") == {}
+    assert "architecture" in stale_judges(tmp_path, ("info",), "backbone")["info"]  # it reads the backbone too
     assert stale_judges(tmp_path, ("harm",), "backbone") == {"harm": "missing"}
+
+
+@pytest.fixture(scope="module")
+def backbone_info(data_dir, tiny_backbone, tiny_encoder, tmp_path_factory):
+    """An info judge of the `backbone` recipe: reference features (tiny MiniLM) beside the tiny causal LM's
+    states at its layer 1 of 2, tiny budgets."""
+    out = tmp_path_factory.mktemp("backbone_info")
+    results = train_judges(data_dir, out, which=("info",), recipe="backbone", backbone=str(tiny_backbone), layers=[1],
+                           max_train=8, max_eval=MAX_EVAL, batch_size=4, max_length=24, max_prompt_tokens=16,
+                           encoder=tiny_encoder)
+    return out / "info", results["info"]
+
+
+def test_backbone_info_judge_reads_the_references_and_the_answer_in_context(backbone_info, data_dir):
+    from transformers import AutoConfig
+
+    from trinityx.eval.judges.features import REFERENCE_FEATURES
+
+    folder, result = backbone_info
+    meta = json.loads((folder / "judge.json").read_text())
+    assert meta["architecture"] == "backbone-features" and meta["training"]["poolings"] == ["response mean", "last token"]
+    # The head and the reference features' encoder are saved; the backbone is loaded by its spec.
+    assert sorted(p.name for p in folder.iterdir()) == ["encoder", "head.safetensors", "judge.json"]
+    width = AutoConfig.from_pretrained(meta["training"]["backbone"]).hidden_size
+    assert meta["training"]["n_features"] == len(REFERENCE_FEATURES) + 2 * width  # 1 layer x 2 poolings
+    judge = load_judge(folder)
+    assert judge.uses_references
+    assert validate_judge(judge, data_dir, "test", MAX_EVAL, seed=0) == {
+        k: v for k, v in meta["validity"].items() if k != "threshold_chosen_on"}
+    refs = [(("yes it is",), ("no it is not",))] * 3
+    with pytest.raises(TrinityXError, match="score_answers"):
+        judge.score(["is it?"], ["yes it is"])
+    # The same answer to another question is another input (the backbone reads it in context), and an item
+    # scores the same wherever it sits in the batch.
+    batch = score_answers(judge, ["is it?", "what is it?", "is it?"], ["yes it is", "yes it is", "yes it is"], refs)
+    assert batch[0] == pytest.approx(batch[2], abs=1e-6) and batch[0] != pytest.approx(batch[1], abs=1e-9)
+    # A head of another width (a judge trained before a feature change) is refused with the fix.
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from trinityx.backbones import load_backbone
+    from trinityx.eval.judges.features import StatesAndReferences, feature_judge
+
+    bb = load_backbone(meta["training"]["backbone"])
+    readers = StatesAndReferences(bb.model, bb.tokenizer, AutoModel.from_pretrained(folder / "encoder"),
+                                  AutoTokenizer.from_pretrained(folder / "encoder"))
+    head = {k: v[:-1] if v.dim() else v for k, v in load_file(folder / "head.safetensors").items()}
+    with pytest.raises(TrinityXError, match="retrain it"):
+        feature_judge("old-info", "info", readers, None, head, 0.5, {}, judge.config)
 
 
 def test_make_judge_from_config(trained, monkeypatch):

