@@ -134,9 +134,10 @@ def harm_thresholds(data_dir: str, folder: Path, out: Path) -> None:
 
 
 def harm_lengths(data_dir: str, folder: Path, out: Path) -> None:
-    """Does a saved harm judge read length? On the test responses (scored once, cached as harm-thresholds caches
-    them): the correlation of its score with log characters among the safe and among the unsafe responses, and
-    the true and flagged unsafe rates per length quartile, at the judge's own threshold."""
+    """Does a saved harm judge read length? On the dev and test responses (scored once, cached as harm-thresholds
+    caches them): its flag rate's coefficient on log characters with the label held fixed; on test, the
+    correlation of its score with log characters among the safe and among the unsafe responses, and the true and
+    flagged unsafe rates per length quartile, at the judge's own threshold."""
     from trinityx.eval.judges.train import labelled_examples
 
     saved = json.loads((out / "harm_scores.json").read_text())
@@ -150,6 +151,17 @@ def harm_lengths(data_dir: str, folder: Path, out: Path) -> None:
         m = y == label
         print(f"{name} responses (n {m.sum()}): correlation of the judge's score with log characters "
               f"{np.corrcoef(p[m], length[m])[0, 1]:+.3f}")
+    # The length bias: a linear probability model of the flag (0 / 100) on the label and log characters, so the
+    # length coefficient is the judge's response to length with the truth held fixed (scripts/paper_tables.py
+    # takes it as --harm-length-bias).
+    for split in ("dev", "test"):
+        _, split_responses, split_labels = labelled_examples("harm", data_dir, split)
+        y_split = np.array(split_labels, dtype=float)
+        x_split = np.log1p(np.array([len(r) for r in split_responses]))
+        design = np.stack([np.ones_like(x_split), y_split, x_split], 1)
+        coef = np.linalg.lstsq(design, 100.0 * (np.array(saved[split]) >= threshold), rcond=None)[0]
+        print(f"{split} (n {len(y_split)}): flagged % = {coef[0]:.1f} + {coef[1]:.1f} unsafe + {coef[2]:.2f} log "
+              f"characters: {coef[2]:.2f} points more flags per unit of log length, the label held fixed")
     print(f"| characters | n | unsafe rate | flagged at {threshold:.3f} |\n|---|---|---|---|")
     edges = np.quantile(length, [0, 0.25, 0.5, 0.75, 1])
     for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):

@@ -11,8 +11,8 @@ interval excludes 0), the same numbers `trinityx compare` prints, on the items b
 share only the first tier's); and the paper's relative gains of `trinityx` over base and over the best baseline. Metrics whose judge does not beat its trivial
 baseline are marked n/m (`metrics.JUDGES_OF_METRIC`), as the report marks them. The fifth asks whether the
 safety score's differences are answer length in disguise (the harm judge flags long safe PKU-SafeRLHF responses
-more often than short ones, docs/judges.md): `trinityx`'s paired safety differences with the part explained by
-the difference in answer length taken out.
+more often than short ones, docs/judges.md): with `--harm-length-bias B`, `trinityx`'s paired safety differences
+with the judge's length bias B (measured on labelled data) taken out.
 """
 
 import argparse
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from trinityx.eval.evaluate import item_values, paired_comparison, weak_judges
-from trinityx.eval.metrics import adjusted_difference, relative_gain, within_item_slope
+from trinityx.eval.metrics import adjusted_difference, relative_gain
 from trinityx.experiment.report import PAPER_GAINS
 from trinityx.registry import BASE, BASELINES, OURS, SYSTEMS
 
@@ -114,34 +114,38 @@ def response_log_chars(run: Path, system: str) -> dict[int, float]:
     return {r["index"]: math.log1p(len(r["response"])) for r in side["records"] if r["p_unsafe"] is not None}
 
 
-def length_check_table(run: Path, systems: list[str], values: dict) -> list[str]:
-    """`trinityx` - each system on the safety score, raw and with answer length taken out.
+def length_check_table(run: Path, pairs: list[tuple[str, str]], values: dict, bias: float) -> list[str]:
+    """a - b on the safety score for each pair, raw and with the harm judge's length bias taken out.
 
-    The slope b of an item's safety (0 or 100) on its answer's log characters is estimated within items: for each
-    BeaverTails prompt, every system's safety and log length are centred on that prompt's means, and b is the
-    least-squares slope over all of them (a prompt's own difficulty cancels). The adjusted difference of two
-    systems is the mean over items of (safety_a - safety_b) - b (loglen_a - loglen_b), with a bootstrap interval
-    over items (b held fixed)."""
-    lengths = {s: response_log_chars(run, s) for s in systems}
-    items = sorted(set.intersection(*(set(values[s]["safety_score"]) & set(lengths[s]) for s in systems)))
-    safety = {s: np.array([values[s]["safety_score"][i] for i in items]) for s in systems}  # [N] each
-    length = {s: np.array([lengths[s][i] for i in items]) for s in systems}
-    slope = within_item_slope(np.stack([safety[s] for s in systems], 1), np.stack([length[s] for s in systems], 1))
-    lines = [f"Within-item slope of the safety score on log answer characters: {slope:+.2f} points per unit "
-             f"(n = {len(items)} items x {len(systems)} systems).", "",
-             "| comparison | shared items | safety difference | mean log-length difference | length-adjusted difference |",
-             "|---|---|---|---|---|"]
-    for other in (s for s in systems if s != OURS):
-        d = adjusted_difference(safety[OURS], safety[other], length[OURS], length[other], slope)
+    `bias` is the judge's flag rate's rise per unit of log characters with the truth held fixed, measured on
+    labelled data (`benchmarks/judge_probes.py harm-lengths`, on PKU-SafeRLHF dev). The evaluation itself cannot
+    measure it: within a prompt, a system's refusals are short and its compliant answers long, so length and true
+    unsafety move together there. The adjusted difference is the mean over items of (safety_a - safety_b) +
+    bias (loglen_a - loglen_b) (a longer answer loses `bias` points of safety to the judge alone), with a
+    bootstrap interval over items (the bias held fixed)."""
+    lengths = {s: response_log_chars(run, s) for pair in pairs for s in pair}
+    lines = [f"The harm judge's length bias: {bias:+.2f} points of flags per unit of log answer characters, the label "
+             "held fixed (measured on labelled data, not on these answers).", "",
+             "| comparison | shared items | safety difference | mean log-length difference | bias-adjusted difference | verdict |",
+             "|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        items = sorted(set(values[a]["safety_score"]) & set(values[b]["safety_score"]) & set(lengths[a]) & set(lengths[b]))
+        safe_a, safe_b = (np.array([values[s]["safety_score"][i] for i in items]) for s in (a, b))
+        length_a, length_b = (np.array([lengths[s][i] for i in items]) for s in (a, b))
+        d = adjusted_difference(safe_a, safe_b, length_a, length_b, -bias)
         low, high = d["ci95"]
-        lines.append(f"| `{OURS}` − `{other}` | {len(items)} | {(safety[OURS] - safety[other]).mean():+.1f} | "
-                     f"{(length[OURS] - length[other]).mean():+.2f} | {d['difference']:+.1f} [{low:+.1f}, {high:+.1f}] |")
+        verdict = "win" if low > 0 else "loss" if high < 0 else "tie"
+        lines.append(f"| `{a}` − `{b}` | {len(items)} | {(safe_a - safe_b).mean():+.1f} | "
+                     f"{(length_a - length_b).mean():+.2f} | {d['difference']:+.1f} [{low:+.1f}, {high:+.1f}] | {verdict} |")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a run folder (its eval/ holds one result file per system) or such a folder")
+    parser.add_argument("--harm-length-bias", type=float, default=None,
+                        help="the harm judge's flag-rate rise per unit of log characters, label held fixed "
+                             "(benchmarks/judge_probes.py harm-lengths): adds the bias-adjusted safety table")
     args = parser.parse_args()
     systems = [s for s in SYSTEMS if result_file(args.run, s).is_file()
                and "finished" in json.loads(result_file(args.run, s).read_text())]
@@ -157,9 +161,11 @@ def main() -> None:
     if BASE in systems:
         print()
         print("\n".join(paired_table([(s, BASE) for s in systems if s != BASE], values)))
-    if OURS in systems and len(systems) > 1:
+    if args.harm_length_bias is not None:
+        pairs = [(OURS, s) for s in systems if OURS in systems and s != OURS]
+        pairs += [(s, BASE) for s in systems if BASE in systems and s not in (BASE, OURS)]
         print()
-        print("\n".join(length_check_table(args.run, systems, values)))
+        print("\n".join(length_check_table(args.run, pairs, values, args.harm_length_bias)))
 
 
 if __name__ == "__main__":

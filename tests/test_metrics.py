@@ -143,20 +143,6 @@ def test_paired_difference_takes_a_statistic_of_rows_and_checks_shapes():
         metrics.paired_difference([1.0, 2.0], [1.0], seed=0)
 
 
-def test_within_item_slope_ignores_item_levels_and_recovers_the_effect():
-    rng = np.random.default_rng(0)
-    items, systems = 200, 4
-    length = rng.normal(5, 1, (items, systems))  # [N, S]
-    level = rng.normal(0, 30, (items, 1))  # each item's own difficulty, shared by the systems
-    values = level + 7.0 * length + rng.normal(0, 1, (items, systems))
-    assert abs(metrics.within_item_slope(values, length) - 7.0) < 0.2
-    # An item level that tracks the item's mean length biases a pooled fit but not the within-item one.
-    confounded = 40.0 * length.mean(1, keepdims=True) + 7.0 * length
-    assert abs(metrics.within_item_slope(confounded, length) - 7.0) < 1e-9
-    with pytest.raises(ValueError, match="items, systems"):
-        metrics.within_item_slope(values[:, 0], length[:, 0])
-
-
 def test_adjusted_difference_removes_what_the_covariate_explains():
     rng = np.random.default_rng(1)
     length_a, length_b = rng.normal(6, 1, 300), rng.normal(5, 1, 300)  # a answers longer
@@ -169,3 +155,5 @@ def test_adjusted_difference_removes_what_the_covariate_explains():
     assert low <= 3.0 <= high and high - low < 1e-6  # nothing left to vary once the effect is exact
     # No slope: the plain paired difference.
     assert metrics.adjusted_difference(a, b, length_a, length_b, 0.0)["difference"] == pytest.approx(raw)
+    with pytest.raises(ValueError, match="paired items"):
+        metrics.adjusted_difference(a, b[:-1], length_a, length_b, 10.0)

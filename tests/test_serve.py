@@ -328,6 +328,11 @@ def test_bench_serve_runs_and_batching_changes_nothing(folder, capsys):
     assert result["batched_vs_single_mismatches"] == 0
     overload = result["phases"]["overload"]
     assert overload["errors"] == 0 and overload["ok"] + overload["status_503"] == 6
+    # The engine's counts are of the measured requests: each prefilled once, the warm-up request left out.
+    for phase in (batched, single, overload):
+        assert phase["prefilled_rows"] == phase["ok"]
+        assert 0 < phase["prefill_share"] < 1 and 0 < phase["forward_share"] <= 1
+    assert single["rows_per_prefill"] == single["rows_per_step"] == 1.0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "one-at-a-time" in "\n".join(lines) and json.loads(lines[-1])["bench"] == "serve"
 
@@ -464,10 +469,11 @@ def test_rows_join_across_a_sliding_window_and_keep_their_answers(tmp_path):
         return {name: "".join(parts) for name, parts in texts.items()}
 
     long = ("long", "The quick brown fox jumps over the lazy dog. Give three tips", 14)  # 27 tokens: beyond the window
-    short, mid = ("short", "yes no", 16), ("mid", "What happens if you eat", 9)
+    short, mid = ("short", "yes no", 16), ("mid", "What happens if you eat", 9)  # 3 tokens: within it; 8: beyond
     alone = {**answers([long]), **answers([short]), **answers([mid])}
     assert len(set(alone.values())) == 3
-    for after in (1, 3, 8):  # the running batch is the longer one
+    for after in (1, 3, 8):  # the running batch is the longer one (its window full), the newcomers' full or not
         assert answers([long], after, [short, mid]) == alone
+        assert answers([long], after, [short]) == {"long": alone["long"], "short": alone["short"]}
     for after in (1, 2, 5):  # the newcomer is longer: at step 1 the running batch has not filled its window yet
         assert answers([short], after, [long]) == {"short": alone["short"], "long": alone["long"]}

@@ -1,4 +1,4 @@
-"""A tiny Llama backbone and tokenizer built offline, so tests never touch the hub."""
+"""Tiny Llama and Gemma 3 backbones and a tokenizer built offline, so tests never touch the hub."""
 
 from pathlib import Path
 

@@ -115,7 +115,8 @@ class BenchServeConfig:
     """Print only the final JSON line, not the table."""
 
 
-async def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+async def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int, time_limit: float,
+                   after_warmup=None) -> dict:
     """`clients` concurrent clients send `requests` chat requests in total; returns counts, latencies, answers."""
     import httpx2
 
@@ -150,6 +151,8 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
     async with httpx2.AsyncClient(limits=limits) as http:
         warm = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": PROMPTS[0]}]}
         (await http.post(f"{url}/v1/chat/completions", json=warm, timeout=time_limit)).raise_for_status()
+        if after_warmup is not None:
+            after_warmup()
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - start
@@ -169,17 +172,21 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
 def run_phase(served: Served, batch: int, queue: int, clients: int, cfg: BenchServeConfig) -> dict:
     old = served.engine
     served.engine = Engine(old.model, old.tokenizer, old.prompt_format, max_batch_size=batch, max_queue=queue)
+    warm = {}
     with ServerThread(build_app(served)) as url:
-        result = asyncio.run(run_load(url, served.name, clients, cfg.requests, cfg.max_tokens, cfg.time_limit))
-        stats = served.engine.stats()  # warm-up request included
+        result = asyncio.run(run_load(url, served.name, clients, cfg.requests, cfg.max_tokens, cfg.time_limit,
+                                      after_warmup=lambda: warm.update(served.engine.stats())))
+        stats = {k: v - warm[k] for k, v in served.engine.stats().items()}  # the measured requests, not the warm-up
         # Rows per decode step: with continuous batching a run of joined requests is one `batch`, so requests
         # per batch says nothing about how many rows a step decodes together.
         result["rows_per_step"] = stats["decoded_rows"] / max(1, stats["decode_steps"])
-        # Where the engine's time went: a prefill (routing included) holds every running row back.
+        # Where the time went: a prefill (routing included) holds every running row back; the model's forward
+        # passes (prefills and decode steps) against the wall time, the rest being sampling, HTTP and idling.
+        result["prefilled_rows"] = stats["prefilled_rows"]
         result["rows_per_prefill"] = stats["prefilled_rows"] / max(1, stats["prefills"])
-        busy = stats["prefill_seconds"] + stats["decode_seconds"]
-        result["prefill_share"] = stats["prefill_seconds"] / busy if busy else 0.0
-        result["busy_share"] = busy / result["wall_s"] if result["wall_s"] else 0.0
+        forward = stats["prefill_seconds"] + stats["decode_seconds"]
+        result["prefill_share"] = stats["prefill_seconds"] / forward if forward else 0.0
+        result["forward_share"] = forward / result["wall_s"] if result["wall_s"] else 0.0
     return {"max_batch_size": batch, "max_queue": queue, "clients": clients, **result}
 
 
@@ -188,13 +195,13 @@ def print_table(cfg: BenchServeConfig, source: str, phases: dict) -> None:
           f"float32 CPU, {torch.get_num_threads()} threads; clients and server in one process over loopback HTTP")
     print(f"{'phase':<14} {'batch':>5} {'queue':>5} {'clients':>7} {'ok':>4} {'429':>4} {'503':>4} {'err':>4} "
           f"{'skip':>4} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'rows/step':>9} "
-          f"{'rows/prefill':>12} {'prefill %':>9} {'busy %':>6}")
+          f"{'rows/prefill':>12} {'prefill %':>9} {'forward %':>9}")
     for name, p in phases.items():
         print(f"{name:<14} {p['max_batch_size']:>5} {p['max_queue']:>5} {p['clients']:>7} {p['ok']:>4} "
               f"{p['status_429']:>4} {p['status_503']:>4} {p['errors']:>4} {p['skipped']:>4} "
               f"{p['requests_per_s']:>6.2f} {p['tokens_per_s']:>7.1f} {p['p50_s']:>6.2f} {p['p95_s']:>6.2f} "
               f"{p['p99_s']:>6.2f} {p['rows_per_step']:>9.2f} {p['rows_per_prefill']:>12.2f} "
-              f"{100 * p['prefill_share']:>9.0f} {100 * p['busy_share']:>6.0f}")
+              f"{100 * p['prefill_share']:>9.0f} {100 * p['forward_share']:>9.0f}")
 
 
 def bench_serve(cfg: BenchServeConfig) -> dict:

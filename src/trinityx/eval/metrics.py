@@ -165,24 +165,18 @@ def paired_difference(a, b, n: int = 1000, seed: int = 0,
     return {"difference": float(difference(rows)), "ci95": [lo, hi], "n": len(a)}
 
 
-def within_item_slope(values: np.ndarray, covariate: np.ndarray) -> float:
-    """Least-squares slope of `values` [N items, S systems] on `covariate` [N, S] within items: each item's
-    values and covariates are centred on that item's means first, so an item's own level (a hard prompt) cancels
-    and only the differences between systems on the same item fit the slope."""
-    values, covariate = _as_array(values, "values"), _as_array(covariate, "covariate")
-    if values.shape != covariate.shape or values.ndim != 2:
-        raise ValueError(f"values {values.shape} and covariate {covariate.shape} must both be [items, systems]")
-    x = covariate - covariate.mean(1, keepdims=True)
-    y = values - values.mean(1, keepdims=True)
-    return float((x * y).sum() / (x * x).sum())
-
-
 def adjusted_difference(a, b, covariate_a, covariate_b, slope: float, n: int = 1000, seed: int = 0) -> dict:
     """Mean over items of (a - b) - slope (covariate_a - covariate_b), with a bootstrap 95% interval over items
-    (the slope held fixed): a paired difference with the part the covariate explains taken out.
+    (the slope held fixed, measured elsewhere): a paired difference with the part the covariate explains taken
+    out, e.g. a judge's length bias measured on labelled data.
     Returns {"difference", "ci95": [lo, hi], "n"}."""
-    adjusted = (_as_array(a, "a") - _as_array(b, "b")) - slope * (_as_array(covariate_a, "covariate_a")
-                                                                   - _as_array(covariate_b, "covariate_b"))
+    arrays = [_as_array(v, name) for v, name in ((a, "a"), (b, "b"), (covariate_a, "covariate_a"),
+                                                  (covariate_b, "covariate_b"))]
+    if any(v.shape != arrays[0].shape or v.ndim != 1 for v in arrays):
+        raise ValueError(f"paired items: a, b and their covariates have shapes {[v.shape for v in arrays]}; "
+                         "give one value per item, the same items for both systems")
+    a, b, covariate_a, covariate_b = arrays
+    adjusted = (a - b) - slope * (covariate_a - covariate_b)
     low, high = bootstrap_ci(adjusted, n, seed)
     return {"difference": float(adjusted.mean()), "ci95": [low, high], "n": len(adjusted)}
 

@@ -188,9 +188,9 @@ def run_batch(model: MoCaEModel, tokenizer, rows: list[Row], stop_ids: set[int],
     `forward` is the backbone call (default `model.backbone`); each row's events go to its `emit`. Between two
     decode steps, `join(running rows)` hands over rows that arrived since: they are prefilled on their
     own and their cache rows join the batch's (continuous batching, as vLLM and TGI do), so a long answer never
-    holds a new request back. `on_step(rows, seconds)` is told how many rows each decode step ran and how long
-    it took, `on_prefill(rows, seconds)` the same of each prefill (routing included), so a server can say where
-    its time goes.
+    holds a new request back. `on_step(rows, seconds)` is told how many rows each decode step ran and how long its
+    forward pass took, `on_prefill(rows, seconds)` the same of each prefill (routing included), so a server can
+    say where its time goes.
     """
     forward = forward or model.backbone
 
