@@ -214,6 +214,16 @@ def test_backbone_info_judge_reads_the_references_and_the_answer_in_context(back
     bb = load_backbone(meta["training"]["backbone"])
     readers = StatesAndReferences(bb.model, bb.tokenizer, AutoModel.from_pretrained(folder / "encoder"),
                                   AutoTokenizer.from_pretrained(folder / "encoder"))
+    # Its inputs are the reference features, then the recipe's poolings (answer mean, last token) of the states.
+    from trinityx.eval.judges.features import judge_features, pair_states
+
+    questions, answers = ["is it?", "what is it?"], ["yes it is", "no"]
+    x = judge_features("info", judge.config, readers, None, questions, answers, refs[:2])
+    states = pair_states(bb.model, bb.tokenizer, judge.config["prompt_format"], questions, answers, layers=(1,),
+                         max_prompt_tokens=16, max_response_tokens=24).view(2, 3, -1)  # [N, 3 poolings, D]
+    assert torch.equal(x[:, :len(REFERENCE_FEATURES)],
+                       reference_features(readers.minilm, readers.minilm_tokenizer, questions, answers, refs[:2], 24))
+    assert torch.allclose(x[:, len(REFERENCE_FEATURES):], states[:, :2].reshape(2, -1))
     head = {k: v[:-1] if v.dim() else v for k, v in load_file(folder / "head.safetensors").items()}
     with pytest.raises(TrinityXError, match="retrain it"):
         feature_judge("old-info", "info", readers, None, head, 0.5, {}, judge.config)
