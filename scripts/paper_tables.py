@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trinityx.eval.evaluate import item_values, paired_comparison, weak_judges
-from trinityx.eval.metrics import adjusted_difference, relative_gain
+from trinityx.eval.evaluate import item_values, paired_comparison, side_records, weak_judges
+from trinityx.eval.metrics import paired_difference, paired_verdict, relative_gain
 from trinityx.experiment.report import PAPER_GAINS
 from trinityx.registry import BASE, BASELINES, OURS, SYSTEMS
 
@@ -109,8 +109,7 @@ def gains_table(run: Path, systems: list[str], values: dict) -> list[str]:
 def response_log_chars(run: Path, system: str) -> dict[int, float]:
     """{BeaverTails item: log(1 + characters of the system's answer)} of the items the harm judge scored."""
     path = result_file(run, system)
-    record = json.loads(path.read_text())["axes"]["harmless"]
-    side = json.loads((path.parent / Path(record["records"]).name).read_text())
+    side = side_records(path, json.loads(path.read_text())["axes"]["harmless"])
     return {r["index"]: math.log1p(len(r["response"])) for r in side["records"] if r["p_unsafe"] is not None}
 
 
@@ -132,9 +131,9 @@ def length_check_table(run: Path, pairs: list[tuple[str, str]], values: dict, bi
         items = sorted(set(values[a]["safety_score"]) & set(values[b]["safety_score"]) & set(lengths[a]) & set(lengths[b]))
         safe_a, safe_b = (np.array([values[s]["safety_score"][i] for i in items]) for s in (a, b))
         length_a, length_b = (np.array([lengths[s][i] for i in items]) for s in (a, b))
-        d = adjusted_difference(safe_a, safe_b, length_a, length_b, -bias)
+        d = paired_difference(safe_a + bias * length_a, safe_b + bias * length_b)  # each answer's length bias out
         low, high = d["ci95"]
-        verdict = "win" if low > 0 else "loss" if high < 0 else "tie"
+        verdict = paired_verdict(d)
         lines.append(f"| `{a}` − `{b}` | {len(items)} | {(safe_a - safe_b).mean():+.1f} | "
                      f"{(length_a - length_b).mean():+.2f} | {d['difference']:+.1f} [{low:+.1f}, {high:+.1f}] | {verdict} |")
     return lines

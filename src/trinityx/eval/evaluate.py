@@ -628,6 +628,11 @@ PAIRED_METRICS = {"win_rate": ("helpful", "records"), "lc_win_rate": ("helpful",
                   "truthful_informative_rate": ("honest", "records")}
 
 
+def side_records(path: Path, axis_record: dict) -> dict:
+    """The per-item records file of one axis of the result file `path` (it sits beside the result file)."""
+    return json.loads((path.parent / Path(axis_record["records"]).name).read_text())
+
+
 def item_values(path: str | Path) -> dict[str, dict[int, object]]:
     """{metric: {item index: per-item value}} of an evaluation result file (the items a judge scored).
 
@@ -637,7 +642,7 @@ def item_values(path: str | Path) -> dict[str, dict[int, object]]:
     path = Path(path)
     values: dict[str, dict[int, object]] = {}
     for axis, record in json.loads(path.read_text())["axes"].items():
-        side = json.loads((path.parent / Path(record["records"]).name).read_text())  # beside the result file
+        side = side_records(path, record)
         if axis == "helpful":
             ok = [r for r in side["records"] if r["preference"] is not None]
             values["win_rate"] = {r["index"]: 100.0 * r["preference"] for r in ok}

@@ -165,22 +165,6 @@ def paired_difference(a, b, n: int = 1000, seed: int = 0,
     return {"difference": float(difference(rows)), "ci95": [lo, hi], "n": len(a)}
 
 
-def adjusted_difference(a, b, covariate_a, covariate_b, slope: float, n: int = 1000, seed: int = 0) -> dict:
-    """Mean over items of (a - b) - slope (covariate_a - covariate_b), with a bootstrap 95% interval over items
-    (the slope held fixed, measured elsewhere): a paired difference with the part the covariate explains taken
-    out, e.g. a judge's length bias measured on labelled data.
-    Returns {"difference", "ci95": [lo, hi], "n"}."""
-    arrays = [_as_array(v, name) for v, name in ((a, "a"), (b, "b"), (covariate_a, "covariate_a"),
-                                                  (covariate_b, "covariate_b"))]
-    if any(v.shape != arrays[0].shape or v.ndim != 1 for v in arrays):
-        raise ValueError(f"paired items: a, b and their covariates have shapes {[v.shape for v in arrays]}; "
-                         "give one value per item, the same items for both systems")
-    a, b, covariate_a, covariate_b = arrays
-    adjusted = (a - b) - slope * (covariate_a - covariate_b)
-    low, high = bootstrap_ci(adjusted, n, seed)
-    return {"difference": float(adjusted.mean()), "ci95": [low, high], "n": len(adjusted)}
-
-
 def paired_verdict(difference: dict, higher_is_better: bool = True) -> str:
     """'win', 'loss' or 'tie' of a against b from `paired_difference`: a win or loss only when the interval
     excludes 0."""

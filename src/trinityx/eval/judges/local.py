@@ -149,6 +149,11 @@ def pairwise_judge(name: str, encoder, tokenizer, weight: torch.Tensor, features
     return Judge(name=name, kind="helpful", threshold=0.5, validity=validity, prefer=prefer, config=config or {})
 
 
+def saved_encoder(path: Path):
+    """(model, tokenizer) of the MiniLM a judge folder keeps in its encoder/ subfolder."""
+    return AutoModel.from_pretrained(path / "encoder", dtype=torch.float32), AutoTokenizer.from_pretrained(path / "encoder")
+
+
 def load_judge(path: str | Path) -> Judge:
     """A judge written by `train_judges` (a folder with judge.json and safetensors weights)."""
     path = Path(path)
@@ -160,8 +165,7 @@ def load_judge(path: str | Path) -> Judge:
     # Folders written before judge.json recorded its architecture hold a pairwise or cross-encoder judge.
     architecture = meta.get("architecture", "pairwise" if kind == "helpful" else "cross-encoder")
     if architecture == "features":
-        encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
+        encoder, tokenizer = saved_encoder(path)
         return feature_judge(meta["name"], kind, encoder, tokenizer, load_file(path / HEAD_FILE), meta["threshold"],
                              meta["validity"], config)
     if architecture == "backbone-features":
@@ -170,14 +174,11 @@ def load_judge(path: str | Path) -> Judge:
         backbone = load_backbone(config["backbone"])  # by spec: the judge folder holds its head (and MiniLM)
         reader, tokenizer = backbone.model, backbone.tokenizer
         if kind != "harm":  # truth / info: the reference features' MiniLM, saved beside the head
-            reader, tokenizer = StatesAndReferences(
-                backbone.model, backbone.tokenizer, AutoModel.from_pretrained(path / "encoder", dtype=torch.float32),
-                AutoTokenizer.from_pretrained(path / "encoder")), None
+            reader, tokenizer = StatesAndReferences(backbone.model, backbone.tokenizer, *saved_encoder(path)), None
         return feature_judge(meta["name"], kind, reader, tokenizer, load_file(path / HEAD_FILE), meta["threshold"],
                              meta["validity"], config)
     if architecture == "pairwise":
-        encoder = AutoModel.from_pretrained(path / "encoder", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path / "encoder")
+        encoder, tokenizer = saved_encoder(path)
         weight = load_file(path / SCORER_FILE)["weight"]  # [F]
         return pairwise_judge(meta["name"], encoder, tokenizer, weight, tuple(meta["features"]), meta["validity"],
                               config["max_length"], config)

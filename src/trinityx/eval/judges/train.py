@@ -468,8 +468,8 @@ def _train_features(kind: str, data_dir, folder: Path, cfg: dict) -> dict:
     judge = feature_judge(f"trinityx-{kind}-{name}", kind, encoder, tokenizer, head, 0.5, {}, cfg)
     validity = _threshold_on_dev(judge, data_dir, cfg)
     # The MiniLM a judge reads with is saved beside its head; a backbone is loaded by its spec, never a copy.
-    minilm = (encoder, tokenizer) if cfg["architecture"] == "features" else (
-        (encoder.minilm, encoder.minilm_tokenizer) if isinstance(encoder, StatesAndReferences) else None)
+    minilm = ((encoder, tokenizer) if cfg["architecture"] == "features" else
+              None if kind == "harm" else (encoder.minilm, encoder.minilm_tokenizer))
     with atomic_dir(folder) as tmp:
         if minilm is not None:
             minilm[0].save_pretrained(tmp / "encoder", safe_serialization=True)
