@@ -11,6 +11,8 @@ scikit-learn on cached features, the threshold always chosen on dev and the numb
     # truth and info: the default judges' 26 reference features beside SmolLM2's states of (question, answer)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py truth-states --train-pairs 4000 --out runs/judge_probes/truth
     python benchmarks/judge_probes.py truth-probe --out runs/judge_probes/truth
+    # truth: MiniLM fine-tuned as a cross-encoder of (question + answer, the closest correct and incorrect references)
+    OMP_NUM_THREADS=2 python benchmarks/judge_probes.py truth-cross --train-pairs 0 --lr 5e-5 --threads 2 --out runs/judge_probes/cross
     # harm: a saved judge's test metrics at the dev threshold of each rule (accuracy, balanced accuracy)
     OMP_NUM_THREADS=1 python benchmarks/judge_probes.py harm-thresholds --judge ~/.cache/trinityx/judges/recipes/backbone/harm
     # harm: does the judge read length? (after harm-thresholds, from its cached scores)
@@ -264,6 +266,105 @@ def truth_probe(data_dir: str, out: Path) -> None:
                   f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
 
 
+def closest_references(encoder, tokenizer, questions: list[str], answers: list[str], references, k: int) -> list[str]:
+    """The text pair a reference-reading cross-encoder sees beside "Q: question A: answer": the k correct and the k
+    incorrect reference answers closest to the answer in MiniLM's embedding (the default judges' similarity)."""
+    from trinityx.eval.judges.features import layer_means
+
+    texts = sorted({t for a, (c, i) in zip(answers, references) for t in (a, *c, *i)})
+    row = {t: n for n, t in enumerate(texts)}
+    e = torch.nn.functional.normalize(layer_means(encoder, tokenizer, texts, 64, (-1,), 32, "closest references"), dim=-1)
+    out = []
+    for a, (correct, incorrect) in zip(answers, references):
+        picked = []
+        for refs in (correct, incorrect):
+            sims = e[[row[t] for t in refs]] @ e[row[a]]  # [R]
+            picked.append(" | ".join(refs[j] for j in sims.argsort(descending=True)[:k].tolist()))
+        out.append(f"True: {picked[0]} False: {picked[1]}")
+    return out
+
+
+def truth_cross(data_dir: str, out: Path, train_pairs: int | None, epochs: int, lr: float, batch_size: int,
+                k: int, max_length: int, eval_rows: int | None, default_truth: Path) -> None:
+    """A truth judge that reads the references token by token: MiniLM fine-tuned end to end as a cross-encoder
+    of ("Q: question A: answer", "True: the k closest correct references False: the k closest incorrect ones"),
+    BCE on each distinct pair's mean label (`fit_cross_encoder`); threshold on dev (accuracy), every test row.
+    Then the same logit stacked beside the default judges' 26 reference features (logistic regression fitted on
+    dev, its dev probabilities out of fold for the threshold), test untouched until the end."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.preprocessing import StandardScaler
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from trinityx.eval.judges.features import reference_features
+    from trinityx.eval.judges.local import cross_encoder_logits, minilm_path, qa_text
+    from trinityx.eval.judges.local import load_judge
+    from trinityx.eval.judges.train import fit_cross_encoder, labelled_examples, reference_answers, score_labelled
+
+    default_judge = load_judge(default_truth)  # the shipped truth judge, for the last stacking row
+    torch.manual_seed(0)
+    encoder, tokenizer = AutoModel.from_pretrained(minilm_path(), dtype=torch.float32), AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def rows(split: str):
+        q, a, y = labelled_examples("truth", data_dir, split)
+        keep = range(len(y)) if split == "train" else _sample(len(y), eval_rows, 0)  # every row unless smoke-testing
+        return [q[i] for i in keep], [a[i] for i in keep], np.array([y[i] for i in keep], dtype=float)
+
+    q, a, y = rows("train")
+    labels: dict[tuple[str, str], list[float]] = {}
+    for pair, label in zip(zip(q, a), y):
+        labels.setdefault(pair, []).append(label)
+    distinct = sorted(labels)
+    distinct = [distinct[i] for i in _sample(len(distinct), train_pairs, 0)]
+    dq, da = [p for p, _ in distinct], [r for _, r in distinct]
+    pairs = closest_references(encoder, tokenizer, dq, da, reference_answers(data_dir, dq), k)
+    print(f"train: {len(distinct)} distinct (question, answer) pairs of {len(q)} rows; e.g. {qa_text(dq[0], da[0])!r} / "
+          f"{pairs[0][:200]!r}", flush=True)
+    log = fit_cross_encoder(model, tokenizer, [qa_text(x, r) for x, r in distinct], pairs,
+                            [float(np.mean(labels[p])) for p in distinct], epochs=epochs, batch_size=batch_size, lr=lr,
+                            max_length=max_length, seed=0, desc="truth cross-encoder")
+    print(f"{log['steps']} steps in {log['train_seconds']:.0f} s, final loss {log['final_loss']:.3f}", flush=True)
+
+    scored = {}
+    for split in ("dev", "test"):
+        q, a, y = rows(split)
+        refs = reference_answers(data_dir, q)
+        t0 = time.perf_counter()
+        logits = cross_encoder_logits(model, tokenizer, [qa_text(x, r) for x, r in zip(q, a)],
+                                      closest_references(encoder, tokenizer, q, a, refs, k), max_length)
+        features = reference_features(encoder, tokenizer, q, a, refs, 64)  # [N, 26]
+        shipped = np.asarray(score_labelled(default_judge, data_dir, q, a), dtype=float)  # the default judge's p(true)
+        scored[split] = (logits.numpy(), np.c_[features.numpy(), np.log(shipped / (1 - shipped + 1e-9) + 1e-9)], y)
+        print(f"{split}: {len(y)} rows scored in {time.perf_counter() - t0:.0f} s", flush=True)
+    torch.save(scored, out / "truth_cross_scores.pt")
+
+    (l_dev, f_dev, y_dev), (l_test, f_test, y_test) = scored["dev"], scored["test"]
+    print("| truth judge | threshold (dev) | accuracy | balanced | AUROC | majority | confusion [[tn, fp], [fn, tp]] |")
+
+    def report(name: str, p_dev, p_test) -> None:
+        t = best_threshold(p_dev, y_dev)
+        m = confusion(p_test, y_test, t)
+        print(f"| {name} | {t:.3f} | {accuracy(p_test, y_test, t):.3f} | {balanced_accuracy(p_test, y_test, t):.3f} | "
+              f"{auroc(p_test, y_test):.3f} | {max(y_test.mean(), 1 - y_test.mean()):.3f} | "
+              f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
+
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    report(f"cross-encoder with {k}+{k} closest references", sigmoid(l_dev), sigmoid(l_test))
+    report("the default judge (MLP on the 26 features, trained on train)", sigmoid(f_dev[:, -1]), sigmoid(f_test[:, -1]))
+    for name, x_dev, x_test in (("26 reference features, logistic (fitted on dev)", f_dev[:, :-1], f_test[:, :-1]),
+                                ("26 reference features + the cross-encoder's logit, logistic (fitted on dev)",
+                                 np.c_[f_dev[:, :-1], l_dev], np.c_[f_test[:, :-1], l_test]),
+                                ("the default judge's logit + the cross-encoder's logit, logistic (fitted on dev)",
+                                 np.c_[f_dev[:, -1:], l_dev], np.c_[f_test[:, -1:], l_test])):
+        stack = lambda: LogisticRegression(C=1.0, max_iter=3000)  # noqa: E731
+        scaler = StandardScaler().fit(x_dev)
+        p_dev = cross_val_predict(stack(), scaler.transform(x_dev), y_dev, cv=5, method="predict_proba")[:, 1]
+        p_test = stack().fit(scaler.transform(x_dev), y_dev).predict_proba(scaler.transform(x_test))[:, 1]
+        report(name, p_dev, p_test)
+
+
 def harm_lora(data_dir: str, out: Path, train_pairs: int, epochs: int, rank: int, lr: float,
               trained_layers: int, pool_layer: int, batch_size: int) -> None:
     """SmolLM2 as the harm judge itself: LoRA on its top `trained_layers` layers below `pool_layer` and a
@@ -495,10 +596,11 @@ def helpful_reward(data_dir: str, n_train: int, epochs: int, lr: float, batch_si
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("harm-states", "harm-probe", "harm-thresholds", "harm-lengths", "truth-states",
-                                         "truth-probe",
+                                         "truth-probe", "truth-cross",
                                          "helpful-references",
                                              "helpful-text", "harm-lora", "helpful-reward"))
-    parser.add_argument("--judge", type=Path, help="harm-thresholds, harm-lengths: a saved harm judge's folder")
+    parser.add_argument("--judge", type=Path, help="harm-thresholds, harm-lengths: a saved harm judge's folder; truth-cross: the "
+                        "default truth judge's (default ~/.cache/trinityx/judges/truth)")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=Path("runs/judge_probes"))
     parser.add_argument("--train-pairs", type=int, default=3500)
@@ -509,10 +611,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="harm-lora: LoRA learning rate (the head's is 10x)")
     parser.add_argument("--trained-layers", type=int, default=8, help="harm-lora: LoRA on this many layers below the pool layer")
     parser.add_argument("--pool-layer", type=int, default=20, help="harm-lora")
+    parser.add_argument("--references", type=int, default=2, help="truth-cross: closest correct and incorrect references each")
+    parser.add_argument("--max-length", type=int, default=160, help="truth-cross: tokens of the cross-encoder's input")
     parser.add_argument("--length-term", choices=("learned", "fitted"), default="learned", help="helpful-reward")
     parser.add_argument("--batch-size", type=int, default=16, help="harm-lora, helpful-reward (judgements per step)")
+    parser.add_argument("--eval-rows", type=int, default=None, help="truth-cross: a seeded subsample of dev/test rows (a smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.what == "harm-states":
         harm_states(args.data_dir, args.out, args.train_pairs, args.backbone)
     elif args.what == "harm-probe":
@@ -521,6 +627,10 @@ def main() -> None:
         truth_states(args.data_dir, args.out, args.train_pairs)
     elif args.what == "truth-probe":
         truth_probe(args.data_dir, args.out)
+    elif args.what == "truth-cross":
+        truth_cross(args.data_dir, args.out, args.train_pairs or None, args.epochs, args.lr, args.batch_size,
+                    args.references, args.max_length, args.eval_rows,
+                    args.judge or Path.home() / ".cache/trinityx/judges/truth")
     elif args.what == "harm-lengths":
         harm_lengths(args.data_dir, args.judge, args.out)
     elif args.what == "harm-thresholds":
