@@ -289,16 +289,16 @@ def truth_cross(data_dir: str, out: Path, train_pairs: int | None, epochs: int, 
     """A truth judge that reads the references token by token: MiniLM fine-tuned end to end as a cross-encoder
     of ("Q: question A: answer", "True: the k closest correct references False: the k closest incorrect ones"),
     BCE on each distinct pair's mean label (`fit_cross_encoder`); threshold on dev (accuracy), every test row.
-    Then the same logit stacked beside the default judges' 26 reference features (logistic regression fitted on
-    dev, its dev probabilities out of fold for the threshold), test untouched until the end."""
+    Then the same logit stacked beside the default judges' 26 reference features, and beside the shipped default
+    truth judge's logit (logistic regression fitted on dev, its dev probabilities out of fold for the threshold),
+    test untouched until the end."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
     from sklearn.preprocessing import StandardScaler
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     from trinityx.eval.judges.features import reference_features
-    from trinityx.eval.judges.local import cross_encoder_logits, minilm_path, qa_text
-    from trinityx.eval.judges.local import load_judge
+    from trinityx.eval.judges.local import cross_encoder_logits, load_judge, minilm_path, qa_text
     from trinityx.eval.judges.train import fit_cross_encoder, labelled_examples, reference_answers, score_labelled
 
     default_judge = load_judge(default_truth)  # the shipped truth judge, for the last stacking row
@@ -606,9 +606,10 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=3500)
     parser.add_argument("--backbone", default="smollm2-135m", choices=sorted(STATE_LAYERS), help="harm-states")
     parser.add_argument("--train-judgements", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=1, help="harm-lora")
+    parser.add_argument("--epochs", type=int, default=1, help="harm-lora, helpful-reward, truth-cross")
     parser.add_argument("--rank", type=int, default=16, help="harm-lora: LoRA rank (alpha = 2 rank)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="harm-lora: LoRA learning rate (the head's is 10x)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="harm-lora: LoRA learning rate (the head's is 10x); "
+                        "helpful-reward, truth-cross: the encoder's")
     parser.add_argument("--trained-layers", type=int, default=8, help="harm-lora: LoRA on this many layers below the pool layer")
     parser.add_argument("--pool-layer", type=int, default=20, help="harm-lora")
     parser.add_argument("--references", type=int, default=2, help="truth-cross: closest correct and incorrect references each")
