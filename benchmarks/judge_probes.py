@@ -292,6 +292,8 @@ def truth_cross(data_dir: str, out: Path, train_pairs: int | None, epochs: int, 
     Then the same logit stacked beside the default judges' 26 reference features, and beside the shipped default
     truth judge's logit (logistic regression fitted on dev, its dev probabilities out of fold for the threshold),
     test untouched until the end."""
+    from scipy.special import expit as sigmoid
+    from scipy.special import logit
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
     from sklearn.preprocessing import StandardScaler
@@ -335,8 +337,8 @@ def truth_cross(data_dir: str, out: Path, train_pairs: int | None, epochs: int, 
         logits = cross_encoder_logits(model, tokenizer, [qa_text(x, r) for x, r in zip(q, a)],
                                       closest_references(encoder, tokenizer, q, a, refs, k), max_length)
         features = reference_features(encoder, tokenizer, q, a, refs, 64)  # [N, 26]
-        shipped = np.asarray(score_labelled(default_judge, data_dir, q, a), dtype=float)  # the default judge's p(true)
-        scored[split] = (logits.numpy(), np.c_[features.numpy(), np.log(shipped / (1 - shipped + 1e-9) + 1e-9)], y)
+        shipped = np.clip(np.asarray(score_labelled(default_judge, data_dir, q, a), dtype=float), 1e-6, 1 - 1e-6)
+        scored[split] = (logits.numpy(), np.c_[features.numpy(), logit(shipped)], y)  # + the default judge's logit
         print(f"{split}: {len(y)} rows scored in {time.perf_counter() - t0:.0f} s", flush=True)
     torch.save(scored, out / "truth_cross_scores.pt")
 
@@ -350,7 +352,6 @@ def truth_cross(data_dir: str, out: Path, train_pairs: int | None, epochs: int, 
               f"{auroc(p_test, y_test):.3f} | {max(y_test.mean(), 1 - y_test.mean()):.3f} | "
               f"[[{m['tn']}, {m['fp']}], [{m['fn']}, {m['tp']}]] |", flush=True)
 
-    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     report(f"cross-encoder with {k}+{k} closest references", sigmoid(l_dev), sigmoid(l_test))
     report("the default judge (MLP on the 26 features, trained on train)", sigmoid(f_dev[:, -1]), sigmoid(f_test[:, -1]))
     for name, x_dev, x_test in (("26 reference features, logistic (fitted on dev)", f_dev[:, :-1], f_test[:, :-1]),
@@ -358,10 +359,10 @@ def truth_cross(data_dir: str, out: Path, train_pairs: int | None, epochs: int, 
                                  np.c_[f_dev[:, :-1], l_dev], np.c_[f_test[:, :-1], l_test]),
                                 ("the default judge's logit + the cross-encoder's logit, logistic (fitted on dev)",
                                  np.c_[f_dev[:, -1:], l_dev], np.c_[f_test[:, -1:], l_test])):
-        stack = lambda: LogisticRegression(C=1.0, max_iter=3000)  # noqa: E731
-        scaler = StandardScaler().fit(x_dev)
-        p_dev = cross_val_predict(stack(), scaler.transform(x_dev), y_dev, cv=5, method="predict_proba")[:, 1]
-        p_test = stack().fit(scaler.transform(x_dev), y_dev).predict_proba(scaler.transform(x_test))[:, 1]
+        stack, scaler = LogisticRegression(C=1.0, max_iter=3000), StandardScaler().fit(x_dev)
+        # cross_val_predict fits clones, so `stack` is still unfitted before the fit on all of dev
+        p_dev = cross_val_predict(stack, scaler.transform(x_dev), y_dev, cv=5, method="predict_proba")[:, 1]
+        p_test = stack.fit(scaler.transform(x_dev), y_dev).predict_proba(scaler.transform(x_test))[:, 1]
         report(name, p_dev, p_test)
 
 
