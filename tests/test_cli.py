@@ -129,3 +129,20 @@ def test_train_judges_checks_out_and_recipe_before_training(data_dir, tmp_path, 
     with pytest.raises(SystemExit) as exit:
         main(["train-judges", "--data-dir", str(data_dir), "--out", str(tmp_path / "j"), "--recipe", "bigger"])
     assert exit.value.code == 2 and "--recipe 'bigger' is unknown; choose from default, backbone" in capsys.readouterr().err
+
+
+def test_a_dict_field_takes_new_keys_from_a_flag_beside_a_yaml_file(tmp_path):
+    from trinityx.config import parse
+    from trinityx.experiment.pipeline import PipelineConfig
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"expert_steps: {{honest: 20}}\nseed: 3\nout: {tmp_path / 'run'}\n")
+    from_file = parse(PipelineConfig, ["--config", str(config)], "trinityx run")
+    assert from_file.expert_steps == {"honest": 20} and from_file.seed == 3
+    flagged = parse(PipelineConfig, ["--config", str(config), "--expert-steps", "honest", "12", "harmless", "40"],
+                    "trinityx run")
+    assert flagged.expert_steps == {"honest": 12, "harmless": 40} and flagged.seed == 3
+    cleared = parse(PipelineConfig, ["--config", str(config), "--expert-steps"], "trinityx run")
+    assert cleared.expert_steps == {}
+    without_file = parse(PipelineConfig, ["--out", str(tmp_path / "run"), "--expert-steps", "helpful", "5"], "trinityx run")
+    assert without_file.expert_steps == {"helpful": 5}

@@ -113,4 +113,14 @@ def parse(cls, args: list[str], prog: str):
         path = args[i + 1]
         args = args[:i] + args[i + 2:]
         default = from_dict(cls, load_yaml(path), str(path))
-    return tyro.cli(cls, args=args, default=default, prog=prog, description=cls.__doc__)
+    dicts = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)
+             if isinstance(getattr(default, f.name), dict) and getattr(default, f.name)} if default is not None else {}
+    if not dicts:
+        return tyro.cli(cls, args=args, default=default, prog=prog, description=cls.__doc__)
+    # tyro turns a dict default into one flag per key (`--expert-steps.honest`), so the file's keys would be the
+    # only ones a flag could set. A dict field is parsed from an empty default instead, a variable-length
+    # `--expert-steps honest 20 harmless 40` as without a file, and keeps the file's value unless the flag is given.
+    parsed = tyro.cli(cls, args=args, default=dataclasses.replace(default, **{name: {} for name in dicts}), prog=prog,
+                      description=cls.__doc__)
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in args if a.startswith("--")}
+    return dataclasses.replace(parsed, **{name: value for name, value in dicts.items() if name not in given})
