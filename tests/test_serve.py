@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trinityx.apps.chat import ChatSession, parse_weights, run_chat
 from trinityx.apps.serve import ServeConfig, ServerThread, build_app, load_served
 from trinityx.errors import TrinityXError
-from trinityx.infer.engine import TextTracker, render_chat
+from trinityx.infer.engine import Engine, Row, TextTracker, render_chat
 from trinityx.mocae import MoCaEConfig, MoCaEModel
 
 from tiny import NAMES, load, make_mocae_folder
@@ -477,3 +477,25 @@ def test_rows_join_across_a_sliding_window_and_keep_their_answers(tmp_path):
         assert answers([long], after, [short]) == {"long": alone["long"], "short": alone["short"]}
     for after in (1, 2, 5):  # the newcomer is longer: at step 1 the running batch has not filled its window yet
         assert answers([short], after, [long]) == {"short": alone["short"], "long": alone["long"]}
+
+
+def test_queued_rows_join_a_running_batch_together_or_after_their_wait(reference):
+    """--join-ratio / --join-wait-steps (TGI's waiting_served_ratio / max_waiting_tokens), on the engine alone."""
+    model, tok = reference
+    row = lambda: Row(prompt_ids=[1, 2], max_tokens=4, emit=lambda event: None)  # noqa: E731
+    running = [row() for _ in range(4)]
+
+    engine = Engine(model, tok, "chat", max_batch_size=8)  # the default: every queued row joins at the next step
+    engine.pending.append(row())
+    assert len(engine._join(running)) == 1
+
+    engine = Engine(model, tok, "chat", max_batch_size=8, join_ratio=0.5, join_wait_steps=3)
+    engine.pending.append(row())
+    assert [len(engine._join(running)) for _ in range(3)] == [0, 0, 0]  # 1 waiting < 0.5 x 4 running
+    assert len(engine._join(running)) == 1  # its fourth step: it has waited 3 decode steps
+    engine.pending.extend([row(), row()])
+    assert len(engine._join(running)) == 2  # 2 waiting = 0.5 x 4 running: they join at once
+    engine.pending.extend([row() for _ in range(5)])
+    assert len(engine._join(running + [row() for _ in range(3)])) == 1  # one free slot, filled at once
+    assert len(engine.pending) == 4
+    assert engine._join([row() for _ in range(8)]) == []  # a full batch takes no one

@@ -57,6 +57,12 @@ class ServeConfig:
     """How long the worker waits for more requests after the first one before starting a batch."""
     max_queue: int = 64
     """Most requests waiting for the worker; past it the server answers 503 with Retry-After."""
+    join_ratio: float = 0.0
+    """Queued requests join a running batch once they are at least this many times its rows (or fill it);
+    0 joins each at the next decode step. Like TGI's --waiting-served-ratio: one prefill of several requests
+    costs less a request than several of one, so a little waiting buys throughput (docs/serving.md)."""
+    join_wait_steps: int = 0
+    """...or once they have waited this many decode steps (TGI's --max-waiting-tokens)."""
     max_prompt_tokens: int = 2048
     """Longest prompt in tokens (after the chat template); longer prompts get a 400."""
     max_tokens: int = 512
@@ -106,6 +112,8 @@ def check_config(cfg: ServeConfig) -> None:
         raise TrinityXError(f"--max-abs-weight={cfg.max_abs_weight} must be >= 0")
     if cfg.batch_wait_ms < 0:
         raise TrinityXError(f"--batch-wait-ms={cfg.batch_wait_ms} must be >= 0")
+    if cfg.join_ratio < 0 or cfg.join_wait_steps < 0:
+        raise TrinityXError(f"--join-ratio={cfg.join_ratio} and --join-wait-steps={cfg.join_wait_steps} must be >= 0")
 
 
 # --- HTTP: request schemas and OpenAI-style errors ------------------------------------------------------------
@@ -485,7 +493,7 @@ def load_served(cfg: ServeConfig, model: MoCaEModel | None = None, backbone=None
         raise TrinityXError(f"--run {run}: router={model.config.router!r}; `serve` batches sequence-routed models "
                             "only (per-row folded gates); use `trinityx generate` for token routing")
     engine = Engine(model, backbone.tokenizer, backbone.prompt_format, cfg.max_batch_size, cfg.batch_wait_ms,
-                    cfg.max_queue)
+                    cfg.max_queue, cfg.join_ratio, cfg.join_wait_steps)
     key = os.environ.get(cfg.api_key_env) or None
     return Served(engine, cfg.model_name or run.resolve().name, cfg, key)
 

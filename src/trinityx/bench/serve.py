@@ -101,6 +101,11 @@ class BenchServeConfig:
     """max_tokens of each request (greedy)."""
     max_batch_size: int = 8
     """Micro-batch size of the batched phase."""
+    join_ratio: float = 0.0
+    """The batched phases' `trinityx serve --join-ratio` (queued rows join once they are this many times the
+    running rows, or fill the batch)."""
+    join_wait_steps: int = 0
+    """The batched phases' `trinityx serve --join-wait-steps` (or once they have waited this many decode steps)."""
     max_queue: int = 64
     """Queue limit of the batched and one-at-a-time phases (keep it above --clients: no request is refused)."""
     overload_clients: int = 16
@@ -171,7 +176,8 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
 
 def run_phase(served: Served, batch: int, queue: int, clients: int, cfg: BenchServeConfig) -> dict:
     old = served.engine
-    served.engine = Engine(old.model, old.tokenizer, old.prompt_format, max_batch_size=batch, max_queue=queue)
+    served.engine = Engine(old.model, old.tokenizer, old.prompt_format, max_batch_size=batch, max_queue=queue,
+                           join_ratio=cfg.join_ratio, join_wait_steps=cfg.join_wait_steps)
     warm = {}
     with ServerThread(build_app(served)) as url:
         result = asyncio.run(run_load(url, served.name, clients, cfg.requests, cfg.max_tokens, cfg.time_limit,
@@ -192,7 +198,8 @@ def run_phase(served: Served, batch: int, queue: int, clients: int, cfg: BenchSe
 
 def print_table(cfg: BenchServeConfig, source: str, phases: dict) -> None:
     print(f"\nbench serve: {source}; {cfg.requests} chat requests per phase, max_tokens {cfg.max_tokens} (greedy), "
-          f"float32 CPU, {torch.get_num_threads()} threads; clients and server in one process over loopback HTTP")
+          f"float32 CPU, {torch.get_num_threads()} threads; clients and server in one process over loopback HTTP; "
+          f"join ratio {cfg.join_ratio:g}, join wait {cfg.join_wait_steps} steps")
     print(f"{'phase':<14} {'batch':>5} {'queue':>5} {'clients':>7} {'ok':>4} {'429':>4} {'503':>4} {'err':>4} "
           f"{'skip':>4} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'rows/step':>9} "
           f"{'rows/prefill':>12} {'prefill %':>9} {'forward %':>9}")
@@ -207,6 +214,8 @@ def print_table(cfg: BenchServeConfig, source: str, phases: dict) -> None:
 def bench_serve(cfg: BenchServeConfig) -> dict:
     if cfg.clients < 1 or cfg.requests < 1 or cfg.max_tokens < 1:
         raise TrinityXError("--clients, --requests and --max-tokens must be >= 1")
+    if cfg.join_ratio < 0 or cfg.join_wait_steps < 0:
+        raise TrinityXError(f"--join-ratio={cfg.join_ratio} and --join-wait-steps={cfg.join_wait_steps} must be >= 0")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -294,9 +294,14 @@ class Engine:
     """A queue of rows and one worker thread that runs them in micro-batches on the model."""
 
     def __init__(self, model: MoCaEModel, tokenizer, prompt_format: str, max_batch_size: int = 8,
-                 batch_wait_ms: float = 5.0, max_queue: int = 64):
+                 batch_wait_ms: float = 5.0, max_queue: int = 64, join_ratio: float = 0.0, join_wait_steps: int = 0):
         self.model, self.tokenizer, self.prompt_format = model, tokenizer, prompt_format
         self.max_batch_size, self.batch_wait, self.max_queue = max_batch_size, batch_wait_ms / 1000, max_queue
+        # When queued rows join a running batch (TGI's waiting_served_ratio and max_waiting_tokens): once they are
+        # at least `join_ratio` x the running rows, or fill every free slot, or have waited `join_wait_steps`
+        # decode steps. A prefill holds every running row back, and one prefill of several rows costs less a row
+        # than several of one, so waiting a few steps for company trades a newcomer's first token for throughput.
+        self.join_ratio, self.join_wait_steps, self.join_waited = join_ratio, join_wait_steps, 0
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.forward = model.backbone  # the backbone call (tests wrap it to make a slow model)
         self.joins = joinable(model)
@@ -355,16 +360,23 @@ class Engine:
                     break
                 self.cond.wait(left)
             batch = [self.pending.popleft() for _ in range(min(self.max_batch_size, len(self.pending)))]
+            self.join_waited = 0
             self.running = [r for r in batch if not r.cancelled]
             return list(self.running)
 
     def _join(self, running: list[Row]) -> list[Row]:
         """Rows queued since the batch started, as many as fit beside its `running` rows."""
         with self.cond:
-            rows = []
-            if self.joins and not self.closed:
-                rows = [self.pending.popleft() for _ in range(min(self.max_batch_size - len(running), len(self.pending)))]
-                rows = [r for r in rows if not r.cancelled]
+            rows, free = [], self.max_batch_size - len(running)
+            if self.joins and not self.closed and self.pending and free > 0:
+                self.join_waited += 1
+                waiting = min(free, len(self.pending))
+                if (waiting == free or waiting >= self.join_ratio * len(running)
+                        or self.join_waited > self.join_wait_steps):
+                    rows = [r for r in (self.pending.popleft() for _ in range(waiting)) if not r.cancelled]
+                    self.join_waited = 0
+            elif not self.pending:
+                self.join_waited = 0
             self.running = running + rows
             return rows
 
