@@ -152,6 +152,29 @@ def response_logliks(model, tokenizer, prompt_format: str, pairs: list[tuple[str
 # Own-axis metrics on dev data
 
 
+def judged_safety(data, data_dir: Path, args):
+    """The evaluation's safety score on PKU-SafeRLHF dev prompts: greedy answers of --answer-tokens tokens, each
+    flagged unsafe when the harm judge's p_unsafe reaches its threshold (`evaluate.aggregate_harmless`).
+    Returns (description, measure(system) -> dict); each point keeps its per-prompt flags for paired tests."""
+    from trinityx.eval.judges import load_judge
+    from trinityx.infer.generation import GenerationSettings
+
+    judge = load_judge(Path(args.harm_judge).expanduser())
+    prompts = list(dict.fromkeys(r.prompt for r in data.load_sft("harmless", data_dir, "dev")))[: args.judge_items]
+    settings = GenerationSettings(max_new_tokens=args.answer_tokens, batch_size=16)
+
+    def measure(system):
+        answers = system.generate(prompts, settings)
+        scores = judge.score(prompts, answers)
+        unsafe = [float(p >= judge.threshold) for p in scores]
+        return {"safety": 100.0 - 100.0 * sum(unsafe) / len(unsafe), "judged": len(unsafe), "unsafe_flags": unsafe,
+                "answer_chars": sum(len(a) for a in answers) / len(answers),
+                "cut": 100.0 * sum(answers.cut) / len(answers)}
+    accuracy = (judge.validity or {}).get("accuracy")
+    return (f"safety score on {len(prompts)} dev prompts ({judge.name}, threshold {judge.threshold:.3f}, "
+            f"held-out accuracy {accuracy}, {args.answer_tokens} greedy tokens)"), measure
+
+
 def dev_probe(dimension: str, data_dir: Path, args):
     """Load the dev items of the dimension's probe; returns (name, measure(system) -> dict)."""
     from trinityx import data
@@ -176,6 +199,7 @@ def dev_probe(dimension: str, data_dir: Path, args):
                 seen.add(row["prompt"])
                 pairs.append((row["prompt"], row["response"][0], row["response"][1]))
         pairs = pairs[: args.probe_items]
+        judge = judged_safety(data, data_dir, args) if args.harm_judge else None
 
         def measure(system, state):
             b = system.backbone
@@ -187,8 +211,11 @@ def dev_probe(dimension: str, data_dir: Path, args):
             stats = preference_stats(safe, unsafe, state.get("base_margins"))
             state.setdefault("base_margins", margins)
             stats["safe_nll"] = -sum(safe) / len(safe)
+            if judge is not None:
+                stats.update(judge[1](system))
             return stats
-        return f"PKU-SafeRLHF safe-vs-unsafe preference, {len(pairs)} dev pairs (mean per-token log-lik)", measure
+        name = f"PKU-SafeRLHF safe-vs-unsafe preference, {len(pairs)} dev pairs (mean per-token log-lik)"
+        return name + (f"; {judge[0]}" if judge else ""), measure
 
     items = data.load_alpaca_eval(data_dir, "judge_train", reference="gpt4_1106_preview")
     items = [it for it in items if not it.instruction.strip() == ""][: args.probe_items]
@@ -303,7 +330,8 @@ def run(args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Tables and plot
 
-METRICS = {"honest": ("mc1", "mc2"), "harmless": ("pref_acc", "margin_up", "margin"), "helpful": ("ref_nll",)}
+METRICS = {"honest": ("mc1", "mc2"), "harmless": ("pref_acc", "margin_up", "margin", "safety", "answer_chars"),
+           "helpful": ("ref_nll",)}
 
 
 def label(r: dict) -> str:
@@ -335,10 +363,16 @@ def plot(path: str, out: str) -> None:
               ("harmless", "dev_loss", "harmless: dev loss"),
               ("harmless", "pref_acc", "harmless: safe>unsafe pref. acc % (dev)"),
               ("harmless", "margin_up", "harmless: pairs with margin up vs base %"),
+              ("harmless", "safety", "harmless: judged safety score % (dev)"),
               ("helpful", "dev_loss", "helpful: dev loss"),
               ("helpful", "ref_nll", "helpful: AlpacaEval ref. NLL/token")]
-    fig, axes = plt.subplots(3, 3, figsize=(14, 11))
+    panels = [(d, k, t) for d, k, t in panels  # only what the file holds, and a last panel for the note
+              if any(r["dimension"] == d and any(p.get(k) is not None for p in r["points"]) for r in runs)]
+    rows = math.ceil((len(panels) + 1) / 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(14, 3.7 * rows), squeeze=False)
     axes = axes.ravel()
+    for ax in axes[len(panels):-1]:
+        ax.axis("off")
     for ax, (dim, key, title) in zip(axes, panels):
         for r in (r for r in runs if r["dimension"] == dim):
             xs = [p["step"] for p in r["points"] if p.get(key) is not None]
@@ -352,7 +386,8 @@ def plot(path: str, out: str) -> None:
     axes[-1].axis("off")
     axes[-1].text(0, 0.5, "Step 0 = base. Dev data only (never the test splits).\n"
                   "Points of a run lie inside its cosine schedule;\nan 'N-step run' decays over N steps.\n"
-                  "harmless/helpful probes need no judge.", fontsize=9, va="center")
+                  "The harmless safety score is the harm judge's\n(docs/judges.md); the other probes need no judge.",
+                  fontsize=9, va="center")
     fig.suptitle("TrinityX expert curves, SmolLM2-135M-Instruct (dev data; checkpoints inside one cosine run)")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -392,6 +427,12 @@ def main() -> None:
     parser.add_argument("--dev-examples", type=int, default=32)
     parser.add_argument("--probe-items", type=int, default=64, help="dev items of the own-axis probe")
     parser.add_argument("--probe-length", type=int, default=160, help="max tokens of a probe prompt+response")
+    parser.add_argument("--harm-judge", default=None,
+                        help="harmless: also the judged safety score, with this judge folder (e.g. "
+                             "~/.cache/trinityx/judges/harm)")
+    parser.add_argument("--judge-items", type=int, default=96, help="harmless: dev prompts judged per checkpoint")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="harmless: greedy tokens per judged answer "
+                        "(the quick profile's max_new_tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", default="runs/expert_curves/work")

@@ -63,12 +63,14 @@ def test_response_logliks_match_the_training_loss(tiny_backbone):
 
 
 @pytest.mark.parametrize("dimension", ["honest", "harmless", "helpful"])
-def test_one_tiny_run_writes_a_json_line(tiny_backbone, data_dir, tmp_path, monkeypatch, dimension):
+def test_one_tiny_run_writes_a_json_line(tiny_backbone, data_dir, tiny_judges, tmp_path, monkeypatch, dimension):
     out = tmp_path / "curves.jsonl"
     argv = ["expert_curves.py", "--dimension", dimension, "--backbone", str(tiny_backbone), "--data-dir",
             str(data_dir), "--steps", "0,1,2", "--batch-size", "2", "--micro-batch-size", "1", "--max-length", "48",
             "--train-examples", "4", "--dev-examples", "2", "--probe-items", "2", "--probe-length", "48",
             "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    if dimension == "harmless":  # the judged safety score beside the preference probe
+        argv += ["--harm-judge", str(tiny_judges[0] / "harm"), "--judge-items", "3", "--answer-tokens", "4"]
     monkeypatch.setattr(sys, "argv", argv)
     curves.main()
     curves.main()  # the second run reuses the cached base measurement
@@ -81,6 +83,10 @@ def test_one_tiny_run_writes_a_json_line(tiny_backbone, data_dir, tmp_path, monk
             assert first["points"][0][key] == second["points"][0][key]
     assert first["points"][-1] == {**second["points"][-1], "probe_seconds": first["points"][-1]["probe_seconds"]}
     assert first["cpu_seconds_per_step"] > 0 and first["max_steps"] == 2
+    if dimension == "harmless":
+        point = first["points"][-1]
+        assert point["judged"] == 3 and len(point["unsafe_flags"]) == 3
+        assert point["safety"] == pytest.approx(100.0 - 100.0 * sum(point["unsafe_flags"]) / 3)
     monkeypatch.setattr(sys, "argv", ["expert_curves.py", "plot", str(out), "--out", str(tmp_path / "c.png")])
     curves.main()
     assert (tmp_path / "c.png").stat().st_size > 0
