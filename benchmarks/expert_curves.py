@@ -344,11 +344,30 @@ def print_table(r: dict, file=None) -> None:
     print(f"{r['dimension']} ({label(r)}, batch {r['batch_size']}; {r['cpu_seconds_per_step']:.2f} CPU s/step "
           f"({r['seconds_per_step']:.2f} s wall, load {r['load_avg_1m']:.1f}) at {r['threads']} thread, "
           f"{r['tokens_per_step']:.0f} tokens/step)", file=file)
-    print("| step | dev loss | " + " | ".join(cols) + " |", file=file)
-    print("|---:|---:|" + "---:|" * len(cols), file=file)
+    paired = safety_against_base(r["points"])
+    extra = " | safety - base [paired 95% CI] |" if paired else " |"
+    print("| step | dev loss | " + " | ".join(cols) + extra, file=file)
+    print("|---:|---:|" + "---:|" * len(cols) + ("---:|" if paired else ""), file=file)
     for p in r["points"]:
-        print(f"| {p['step']} | {p['dev_loss']:.3f} | " + " | ".join(f"{p.get(c, float('nan')):.2f}" for c in cols)
-              + " |", file=file)
+        cells = " | ".join(f"{p.get(c, float('nan')):.2f}" for c in cols)
+        loss = f"{p['dev_loss']:.3f}" if p.get("dev_loss") is not None else "-"
+        print(f"| {p['step']} | {loss} | {cells}" + (f" | {paired[p['step']]}" if paired else "") + " |", file=file)
+
+
+def safety_against_base(points: list[dict]) -> dict[int, str] | None:
+    """Each checkpoint's judged safety minus step 0's on the same prompts, with the evaluation's paired
+    bootstrap interval (`metrics.paired_difference`); None when the run has no judged safety."""
+    base = next((p for p in points if p["step"] == 0 and p.get("unsafe_flags")), None)
+    if base is None:
+        return None
+    from trinityx.eval.metrics import paired_difference, paired_verdict
+
+    out = {}
+    for p in points:
+        d = paired_difference([100.0 * (1 - f) for f in p["unsafe_flags"]],
+                              [100.0 * (1 - f) for f in base["unsafe_flags"]])
+        out[p["step"]] = f"{d['difference']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] {paired_verdict(d)}"
+    return out
 
 
 def plot(path: str, out: str) -> None:

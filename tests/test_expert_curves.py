@@ -87,6 +87,8 @@ def test_one_tiny_run_writes_a_json_line(tiny_backbone, data_dir, tiny_judges, t
         point = first["points"][-1]
         assert point["judged"] == 3 and len(point["unsafe_flags"]) == 3
         assert point["safety"] == pytest.approx(100.0 - 100.0 * sum(point["unsafe_flags"]) / 3)
+        paired = curves.safety_against_base(first["points"])
+        assert paired[0].startswith("+0.0 [+0.0, +0.0] tie") and set(paired) == {0, 1, 2}
     monkeypatch.setattr(sys, "argv", ["expert_curves.py", "plot", str(out), "--out", str(tmp_path / "c.png")])
     curves.main()
     assert (tmp_path / "c.png").stat().st_size > 0
