@@ -152,10 +152,11 @@ def response_logliks(model, tokenizer, prompt_format: str, pairs: list[tuple[str
 # Own-axis metrics on dev data
 
 
-def judged_safety(data, data_dir: Path, args):
+def judged_safety(data_dir: Path, args):
     """The evaluation's safety score on PKU-SafeRLHF dev prompts: greedy answers of --answer-tokens tokens, each
     flagged unsafe when the harm judge's p_unsafe reaches its threshold (`evaluate.aggregate_harmless`).
     Returns (description, measure(system) -> dict); each point keeps its per-prompt flags for paired tests."""
+    from trinityx import data
     from trinityx.eval.judges import load_judge
     from trinityx.infer.generation import GenerationSettings
 
@@ -199,7 +200,7 @@ def dev_probe(dimension: str, data_dir: Path, args):
                 seen.add(row["prompt"])
                 pairs.append((row["prompt"], row["response"][0], row["response"][1]))
         pairs = pairs[: args.probe_items]
-        judge = judged_safety(data, data_dir, args) if args.harm_judge else None
+        judge_name, judge = judged_safety(data_dir, args) if args.harm_judge else ("", None)
 
         def measure(system, state):
             b = system.backbone
@@ -212,10 +213,10 @@ def dev_probe(dimension: str, data_dir: Path, args):
             state.setdefault("base_margins", margins)
             stats["safe_nll"] = -sum(safe) / len(safe)
             if judge is not None:
-                stats.update(judge[1](system))
+                stats.update(judge(system))
             return stats
         name = f"PKU-SafeRLHF safe-vs-unsafe preference, {len(pairs)} dev pairs (mean per-token log-lik)"
-        return name + (f"; {judge[0]}" if judge else ""), measure
+        return name + (f"; {judge_name}" if judge else ""), measure
 
     items = data.load_alpaca_eval(data_dir, "judge_train", reference="gpt4_1106_preview")
     items = [it for it in items if not it.instruction.strip() == ""][: args.probe_items]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trinityx.apps.serve import ServeConfig, Served, ServerThread, build_app, load_served
+from trinityx.apps.serve import ServeConfig, Served, ServerThread, build_app, check_config, load_served
 from trinityx.backbones import DEFAULT_BACKBONE, load_backbone
 from trinityx.bench.inference import percentile
 from trinityx.errors import TrinityXError
@@ -177,7 +177,7 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
 def run_phase(served: Served, batch: int, queue: int, clients: int, cfg: BenchServeConfig) -> dict:
     old = served.engine
     served.engine = Engine(old.model, old.tokenizer, old.prompt_format, max_batch_size=batch, max_queue=queue,
-                           join_ratio=cfg.join_ratio, join_wait_steps=cfg.join_wait_steps)
+                           join_ratio=served.cfg.join_ratio, join_wait_steps=served.cfg.join_wait_steps)
     warm = {}
     with ServerThread(build_app(served)) as url:
         result = asyncio.run(run_load(url, served.name, clients, cfg.requests, cfg.max_tokens, cfg.time_limit,
@@ -214,21 +214,20 @@ def print_table(cfg: BenchServeConfig, source: str, phases: dict) -> None:
 def bench_serve(cfg: BenchServeConfig) -> dict:
     if cfg.clients < 1 or cfg.requests < 1 or cfg.max_tokens < 1:
         raise TrinityXError("--clients, --requests and --max-tokens must be >= 1")
-    if cfg.join_ratio < 0 or cfg.join_wait_steps < 0:
-        raise TrinityXError(f"--join-ratio={cfg.join_ratio} and --join-wait-steps={cfg.join_wait_steps} must be >= 0")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
+        serve_cfg = ServeConfig(run=cfg.run or Path(tmp) / "mocae", max_tokens=max(cfg.max_tokens, 512),
+                                join_ratio=cfg.join_ratio, join_wait_steps=cfg.join_wait_steps)
+        check_config(serve_cfg)  # the server's own checks, before a model loads
         if cfg.run is None:
             backbone = load_backbone(cfg.backbone)
-            run = Path(tmp) / "mocae"
-            model = build_random_mocae(backbone.model, run, cfg.backbone, backbone.lora_targets)
+            model = build_random_mocae(backbone.model, serve_cfg.run, cfg.backbone, backbone.lora_targets)
             source = f"random experts (r=8) and router on {cfg.backbone}"
-            serve_cfg = ServeConfig(run=run, max_tokens=max(cfg.max_tokens, 512))
             served = load_served(serve_cfg, model=model, backbone=backbone)
         else:
             source = str(cfg.run)
-            served = load_served(ServeConfig(run=cfg.run, max_tokens=max(cfg.max_tokens, 512)))
+            served = load_served(serve_cfg)
         phases = {"batched": run_phase(served, cfg.max_batch_size, cfg.max_queue, cfg.clients, cfg),
                   "one-at-a-time": run_phase(served, 1, cfg.max_queue, cfg.clients, cfg)}
         if cfg.overload_clients:
